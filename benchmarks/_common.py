@@ -1,0 +1,325 @@
+"""Shared pieces of the benchmark scripts: handlers, statistics, tables, plumbing.
+
+Not a benchmark itself. Every script in this folder imports it from its own directory
+(``python benchmarks/<name>.py`` puts the folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e`
+    sys.path.insert(0, str(ROOT))
+
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+
+# --------------------------------------------------------------------------- library
+
+
+def load_library() -> ModuleType | None:
+    """Import safecallbacks, or return None while the core does not exist yet."""
+    try:
+        import safecallbacks
+    except Exception as exc:  # ImportError, or a half-written core
+        print(
+            f"note: safecallbacks not importable ({exc!r}); hardened rows skipped", file=sys.stderr
+        )
+        return None
+    if not hasattr(safecallbacks, "harden"):
+        return None
+    return safecallbacks
+
+
+def quiet_logs(show: bool = False) -> None:
+    """Send stdlib logging and structlog output to /dev/null (or stderr with ``show``).
+
+    The bare always-failing handler makes LangChain log one WARNING per token. Writing
+    the lines somewhere keeps that cost in the measurement; writing them to a terminal
+    would drown the tables. stdout is reserved for the Markdown.
+    """
+    target = sys.stderr if show else _DEVNULL
+    logging.basicConfig(stream=target, level=logging.WARNING, force=True)
+    try:
+        import structlog
+    except ImportError:
+        return
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=target))
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def burn_cpu(loops: int) -> int:
+    """Pure-Python busy work that holds the GIL (no C call releases it)."""
+    acc = 0
+    for i in range(loops):
+        acc = (acc * 31 + i) % 1_000_003
+    return acc
+
+
+class NoOp(BaseCallbackHandler):
+    """Plain sync handler: LangChain runs it in an executor thread in async streams."""
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        return None
+
+
+class NoOpInline(NoOp):
+    """The cheapest possible handler: sync, ``run_inline = True``."""
+
+    run_inline = True
+
+
+class Sleeper(BaseCallbackHandler):
+    """Blocking I/O stand-in: sleeps on every token."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class Failing(BaseCallbackHandler):
+    """Raises on every token; ``raise_error`` left at LangChain's default (False)."""
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        raise RuntimeError("handler bug")
+
+
+class HangOnce(BaseCallbackHandler):
+    """Blocks for ``seconds`` on token number ``at`` (once), free otherwise."""
+
+    def __init__(self, at: int, seconds: float) -> None:
+        self.at = at
+        self.seconds = seconds
+        self.seen = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            time.sleep(self.seconds)
+
+
+class AsyncNoOp(AsyncCallbackHandler):
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        return None
+
+
+class AsyncSleeper(AsyncCallbackHandler):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+class CpuHeavy(BaseCallbackHandler):
+    """Pure-Python work on every token (no I/O, holds the GIL throughout)."""
+
+    def __init__(self, loops: int) -> None:
+        self.loops = loops
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        burn_cpu(self.loops)
+
+
+class Stuck(BaseCallbackHandler):
+    """Blocks on ``release`` forever (until someone sets it)."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.release.wait()
+
+
+def cpu_loops_for(seconds: float) -> int:
+    """Calibrate ``burn_cpu`` so that one call takes about ``seconds``."""
+    loops = 10_000
+    while True:
+        t0 = time.perf_counter()
+        burn_cpu(loops)
+        took = time.perf_counter() - t0
+        if took > 0.02:
+            return max(1, int(loops * seconds / took))
+        loops *= 2
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def harden(lib: ModuleType, handler: BaseCallbackHandler, **options: Any) -> Any:
+    return lib.harden(handler, **options)
+
+
+@dataclass
+class Settled:
+    """What a hardened handler reported after the run (None fields when bare)."""
+
+    flushed: bool | None = None
+    stats: Any = None
+    flush_ms: float | None = None
+    close_ms: float | None = None
+
+    def summary(self) -> str:
+        if self.stats is None:
+            return "-"
+        s = self.stats
+        parts = [f"del {s.delivered}"]
+        for label, value in (
+            ("fail", s.failed),
+            ("skip", s.skipped),
+            ("drop", s.dropped),
+            ("pend", s.pending),
+        ):
+            if value:
+                parts.append(f"{label} {value}")
+        if not self.flushed:
+            parts.append("flush timed out")
+        return ", ".join(parts)
+
+
+def settle(hardened: Any, timeout: float = 10.0, close: bool = True) -> Settled:
+    """Flush a hardened handler (untimed by the caller), snapshot stats, close it."""
+    if hardened is None:
+        return Settled()
+    t0 = time.perf_counter()
+    ok = bool(hardened.flush(timeout=timeout))
+    took = (time.perf_counter() - t0) * 1e3
+    stats = hardened.stats()
+    if close:
+        hardened.close(timeout=0.5)
+    return Settled(flushed=ok, stats=stats, flush_ms=took)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    if not values:
+        return math.nan
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def median(values: Iterable[float]) -> float:
+    data = [v for v in values if not math.isnan(v)]
+    return statistics.median(data) if data else math.nan
+
+
+@dataclass
+class StreamRun:
+    """One consumer-side measurement of a stream."""
+
+    total_ns: int
+    gaps_ns: list[int]
+    chunks: int
+    error: str | None = None
+    settled: Settled = field(default_factory=Settled)
+
+    def gap_ms(self, q: float) -> float:
+        return percentile(self.gaps_ns, q) / 1e6 if self.gaps_ns else math.nan
+
+    @property
+    def max_gap_ms(self) -> float:
+        return max(self.gaps_ns) / 1e6 if self.gaps_ns else math.nan
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_ratio(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}x"
+
+
+def fmt_num(value: float, digits: int = 1) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(value: float, base: float) -> float:
+    if math.isnan(value) or math.isnan(base) or base <= 0:
+        return math.nan
+    return value / base
+
+
+def md_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
+) -> str:
+    """A GitHub Markdown table; columns listed in ``right`` are right-aligned."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    sep = ["-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)]
+    return "\n".join([line(headers), "| " + " | ".join(sep) + " |", *(line(r) for r in rows)])
+
+
+def verdict(ok: bool | None) -> str:
+    if ok is None:
+        return "n/a"
+    return "met" if ok else "MISSED"
+
+
+def environment_line() -> str:
+    import langchain_core
+
+    return (
+        f"python {platform.python_version()}, langchain-core {langchain_core.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
+    )
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke-test sizes (a few seconds); numbers are noisy"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="repeats per configuration (medians are reported)"
+    )
+    parser.add_argument(
+        "--show-logs",
+        action="store_true",
+        help="print handler/LangChain log lines to stderr instead of discarding",
+    )
+    return parser
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

@@ -1,0 +1,209 @@
+"""Many concurrent async streams in one process, sharing the same handlers.
+
+``--streams`` (200) ``PacedFakeChatModel.astream()`` calls run at once on one event loop,
+every one of them with the same handler instances attached, as a web server with a
+module-level tracing/logging handler would. Reported: aggregate tokens/s and the p99
+inter-token gap over all streams, compared with the same load without handlers.
+
+    python benchmarks/load.py [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import _common as c
+from langchain_core.callbacks import BaseCallbackHandler
+
+from safecallbacks._paced import PacedFakeChatModel, make_tokens
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    factories: list[Callable[[], BaseCallbackHandler]] = field(default_factory=list)
+    hardened: bool = False
+
+
+def _sleeper() -> BaseCallbackHandler:
+    return c.Sleeper(0.002)
+
+
+def _async_sleeper() -> BaseCallbackHandler:
+    return c.AsyncSleeper(0.002)
+
+
+CONFIGS = [
+    Config("none", "no handler"),
+    Config("bare_async", "bare async no-op", [c.AsyncNoOp]),
+    Config("bare_sync", "bare sync no-op (executor hop per token)", [c.NoOp]),
+    Config("h_sync", "hardened sync no-op", [c.NoOp], hardened=True),
+    Config("h_async", "hardened async no-op", [c.AsyncNoOp], hardened=True),
+    Config("h_fail", "hardened always-raising", [c.Failing], hardened=True),
+    Config(
+        "h_mix",
+        "hardened: no-op + raising + async no-op",
+        [c.NoOp, c.Failing, c.AsyncNoOp],
+        hardened=True,
+    ),
+    Config("h_slow", "hardened sync 2 ms sleep (can't keep up)", [_sleeper], hardened=True),
+    Config("h_aslow", "hardened async 2 ms sleep", [_async_sleeper], hardened=True),
+]
+
+
+@dataclass
+class LoadRun:
+    wall_ns: int
+    tokens: int
+    gaps_ns: list[int]
+    errors: int
+    settled: list[c.Settled]
+
+
+async def one_stream(model: PacedFakeChatModel, callbacks: list[Any]) -> tuple[list[int], int]:
+    gaps: list[int] = []
+    errors = 0
+    prev = time.perf_counter_ns()
+    try:
+        async for _chunk in model.astream("hi", config={"callbacks": callbacks}):
+            now = time.perf_counter_ns()
+            gaps.append(now - prev)
+            prev = now
+    except Exception:
+        errors = 1
+    return gaps, errors
+
+
+async def run_load(
+    lib: ModuleType | None,
+    cfg: Config,
+    model: PacedFakeChatModel,
+    streams: int,
+    flush_timeout: float,
+) -> LoadRun:
+    handlers = [f() for f in cfg.factories]
+    hardened = [lib.harden(h, name=cfg.key) for h in handlers] if cfg.hardened and lib else []
+    callbacks = hardened or handlers
+    t0 = time.perf_counter_ns()
+    outs = await asyncio.gather(*(one_stream(model, callbacks) for _ in range(streams)))
+    wall = time.perf_counter_ns() - t0
+    gaps = [g for out, _ in outs for g in out]
+    settled: list[c.Settled] = []
+    for h in hardened:
+        ok = bool(await h.aflush(timeout=flush_timeout))
+        settled.append(c.Settled(flushed=ok, stats=h.stats()))
+        h.close(timeout=0.2)
+    return LoadRun(wall, len(gaps), gaps, sum(e for _, e in outs), settled)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = c.base_parser(__doc__.splitlines()[0] if __doc__ else "load")
+    parser.add_argument("--streams", type=int, help="concurrent streams (default 200)")
+    parser.add_argument("--tokens", type=int, help="tokens per stream (default 100)")
+    parser.add_argument("--interval", type=float, help="seconds between tokens (default 0.005)")
+    args = parser.parse_args(argv)
+    c.quiet_logs(args.show_logs)
+    streams = args.streams or (20 if args.quick else 200)
+    n_tokens = args.tokens or (30 if args.quick else 100)
+    interval = args.interval if args.interval is not None else 0.005
+    repeats = args.repeats or (1 if args.quick else 3)
+    flush_timeout = 2.0 if args.quick else 5.0
+    lib = c.load_library()
+    todo = [cfg for cfg in CONFIGS if lib is not None or not cfg.hardened]
+    model = PacedFakeChatModel(tokens=make_tokens(n_tokens), interval=interval)
+    warm = PacedFakeChatModel(tokens=make_tokens(5), interval=0.001)
+    t_start = time.perf_counter()
+
+    runs: dict[str, list[LoadRun]] = {}
+
+    async def all_runs() -> None:
+        for cfg in todo:  # warm-up
+            await run_load(lib, cfg, warm, min(streams, 20), flush_timeout)
+        for rep in range(repeats):
+            for cfg in todo:
+                print(f"load: repeat {rep + 1}/{repeats} {cfg.key}", file=sys.stderr, flush=True)
+                runs.setdefault(cfg.key, []).append(
+                    await run_load(lib, cfg, model, streams, flush_timeout)
+                )
+
+    asyncio.run(all_runs())
+
+    def tps(r: LoadRun) -> float:
+        return r.tokens / (r.wall_ns / 1e9)
+
+    def p99(r: LoadRun) -> float:
+        return c.percentile(r.gaps_ns, 99) / 1e6
+
+    base_tps = c.median(tps(r) for r in runs["none"])
+    base_p99 = c.median(p99(r) for r in runs["none"])
+    ideal_tps = streams / interval
+    rows: list[list[str]] = []
+    goal_rows: list[list[str]] = []
+    for cfg in todo:
+        rs = runs[cfg.key]
+        t = c.median(tps(r) for r in rs)
+        g = c.median(p99(r) for r in rs)
+        wall = c.median(r.wall_ns / 1e9 for r in rs)
+        got = min(r.tokens for r in rs)
+        errors = max(r.errors for r in rs)
+        stats = "; ".join(s.summary() for s in rs[-1].settled) or "-"
+        rows.append(
+            [
+                cfg.label,
+                f"{got:,}/{streams * n_tokens:,}" + (f" ({errors} died)" if errors else ""),
+                c.fmt_num(wall, 2),
+                c.fmt_num(t, 0),
+                c.fmt_ratio(c.ratio(t, base_tps)),
+                c.fmt_num(c.median(c.percentile(r.gaps_ns, 50) / 1e6 for r in rs), 2),
+                c.fmt_num(g, 2),
+                c.fmt_ratio(c.ratio(g, base_p99)),
+                stats,
+            ]
+        )
+        if cfg.hardened:
+            r_t = c.ratio(t, base_tps)
+            r_g = c.ratio(g, base_p99)
+            goal_rows.append([cfg.label, c.fmt_ratio(r_t), c.fmt_ratio(r_g), c.verdict(r_t >= 0.9)])
+    print("### Load: concurrent async streams sharing the same handlers\n")
+    print(
+        f"_{c.environment_line()}; {streams} concurrent `.astream()` calls of {n_tokens} "
+        f"tokens, one every {interval * 1e3:g} ms (ideal {ideal_tps:,.0f} tokens/s); "
+        f"medians of {repeats} runs; one handler instance shared by all streams._\n"
+    )
+    print(
+        c.md_table(
+            [
+                "handlers",
+                "tokens received",
+                "wall s",
+                "tokens/s",
+                "tokens/s vs none",
+                "p50 gap ms",
+                "p99 gap ms",
+                "p99 vs none",
+                f"hardened stats after flush (<= {flush_timeout:g} s)",
+            ],
+            rows,
+            right=(2, 3, 4, 5, 6, 7),
+        )
+    )
+    if goal_rows:
+        print("\n#### Goal: hardened tokens/s >= 0.9x of no handler\n")
+        print(
+            c.md_table(
+                ["handlers", "tokens/s vs none", "p99 gap vs none", "goal"], goal_rows, right=(1, 2)
+            )
+        )
+    print(f"\n_load took {time.perf_counter() - t_start:.0f} s._\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

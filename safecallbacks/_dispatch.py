@@ -1,0 +1,963 @@
+"""Getting events from the token path to the handler without the token path waiting.
+
+The emitter only appends a tuple to the handler's lane (a ``deque``, atomic
+under the GIL) and bumps a counter. It wakes a thread only when the lane goes
+from idle to busy; while a lane has traffic a worker keeps it "lingering" and
+polls it every few milliseconds, so a CPU-bound stream pays no wake-up or GIL
+hand-off per token.
+
+* Sync handlers (and handlers mixing sync and async hooks) are drained by a
+  small shared pool of worker threads, one lane at a time per worker, so each
+  handler sees its events in order and one at a time, and a hung handler only
+  ever holds its own worker.
+* Handlers whose hooks are all ``async def`` are drained by a task on the
+  event loop that emitted the event (where their sessions live), or on one
+  shared background loop when the emitter had no loop.
+* ``flush`` places a barrier at the tail of every lane and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import functools
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeAlias
+
+from ._hooks import ERROR_HOOKS, HOOKS, is_async_callable
+from ._isolation import (
+    Resolver,
+    StopStream,
+    acall_hook,
+    await_any,
+    call_hook,
+    own_task_is_cancelling,
+    passes_through_caller,
+)
+from ._observe import PAIRED_HOOKS, Batch, Observer, register_depth_source
+from ._options import Options
+from ._stats import Stats
+
+_get_running_loop = asyncio._get_running_loop
+_copy_context = contextvars.copy_context
+_now = time.monotonic
+
+# (hook, args, kwargs, context, emitted_at, emitting loop)
+Item: TypeAlias = tuple[
+    str,
+    tuple[Any, ...],
+    dict[str, Any],
+    contextvars.Context,
+    float,
+    "asyncio.AbstractEventLoop | None",
+]
+
+POLL_SECONDS = 0.002  # how often a busy lane is drained: the delivery latency bound
+LINGER_SECONDS = 0.05  # quiet time after which a lane goes idle (next event wakes a worker)
+BATCH = 512  # events one worker takes from one lane before giving others a turn
+WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
+MAX_WORKERS = 64
+IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
+_MAX_STOP_MARKS = 1_000
+_START_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith("_start"))
+_MAX_PARENTS = 10_000
+
+
+class Barrier:
+    """A marker placed at the tail of a lane; released once everything before it is done."""
+
+    __slots__ = ("_callbacks", "_done", "_lock")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def release(self) -> None:
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(max(timeout, 0.0))
+
+    def future(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def notify() -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(resolve)
+
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(notify)
+                return fut
+        fut.set_result(None)
+        return fut
+
+
+class _Lane:
+    """The bounded queue of one handler towards one consumer."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, core: Dispatcher) -> None:
+        self.core = core
+        self.queue: deque[Item | Barrier] = deque()
+        self.max_queue = core.options.max_queue
+        self.emitted = core.observer.emitted
+        self.scheduled = False
+        self.high_water = 0
+        self.busy_since: float | None = None
+        self.inflight: str | None = None
+        self.stuck_reported = False
+        self._space = threading.Condition(threading.Lock())
+        self._space_waiters = 0
+
+    # --- emitting side ---------------------------------------------------
+
+    def put(self, item: Item) -> None:
+        queue = self.queue
+        if len(queue) >= self.max_queue and not self._make_room(item):
+            return
+        queue.append(item)
+        if not self.scheduled:
+            self.kick()
+
+    def overflow(self, item: Item) -> None:
+        """The slow half of ``put``, for recorders that found the queue full."""
+        if self._make_room(item):
+            self.queue.append(item)
+            if not self.scheduled:
+                self.kick()
+
+    def put_barrier(self, barrier: Barrier) -> None:
+        self.queue.append(barrier)
+        if not self.scheduled:
+            self.kick()
+
+    def kick(self) -> None:
+        raise NotImplementedError
+
+    def _make_room(self, item: Item) -> bool:
+        """Apply ``on_full``; False when ``item`` itself was dropped."""
+        core = self.core
+        self.high_water = max(self.high_water, len(self.queue))
+        policy = core.options.on_full
+        if policy == "drop_oldest":
+            while len(self.queue) >= core.options.max_queue:
+                try:
+                    oldest = self.queue.popleft()
+                except IndexError:
+                    break
+                self._discard(oldest, "queue_full")
+            return True
+        if policy == "block" and self._may_block() and self._wait_for_space():
+            return True
+        core.observer.dropped(item[0], reason="queue_full")
+        return False
+
+    def _may_block(self) -> bool:
+        return True
+
+    def _wait_for_space(self) -> bool:
+        limit = self.core.options.max_queue
+        with self._space:
+            self._space_waiters += 1
+            try:
+                return self._space.wait_for(
+                    lambda: len(self.queue) < limit, self.core.options.block_timeout
+                )
+            finally:
+                self._space_waiters -= 1
+
+    def _discard(self, entry: Item | Barrier, reason: str) -> None:
+        if isinstance(entry, Barrier):
+            entry.release()  # everything ahead of it is gone too
+        else:
+            self.core.observer.dropped(entry[0], reason=reason)
+
+    def _popped(self) -> None:
+        if self._space_waiters:
+            with self._space:
+                self._space.notify_all()
+
+    # --- both sides -------------------------------------------------------
+
+    def discard_all(self, reason: str) -> None:
+        """Count every queued event as dropped (closing, a dead loop, exit)."""
+        dropped: Counter[str] = Counter()
+        while True:
+            try:
+                entry = self.queue.popleft()
+            except IndexError:
+                break
+            if isinstance(entry, Barrier):
+                entry.release()
+            else:
+                dropped[entry[0]] += 1
+        for hook, count in dropped.items():
+            self.core.observer.dropped(hook, count, reason=reason)
+
+    def queued_by_hook(self) -> Counter[str]:
+        while True:
+            try:
+                entries = list(self.queue)
+                break
+            except RuntimeError:  # mutated while copying; try again
+                continue
+        found = Counter(e[0] for e in entries if not isinstance(e, Barrier))
+        if self.inflight is not None:
+            found[self.inflight] += 1
+        return found
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def stuck(self, now: float) -> bool:
+        since = self.busy_since
+        return since is not None and now - since > self.core.options.timeout
+
+
+class _ThreadLane(_Lane):
+    """Drained by the shared worker pool."""
+
+    def kick(self) -> None:
+        pool().kick(self)
+
+    def drain(self, budget: int) -> None:
+        """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event)."""
+        queue = self.queue
+        self.high_water = max(self.high_water, len(queue))
+        core = self.core
+        observer = core.observer
+        breaker = observer.breaker
+        batch = Batch()
+        durations, lags, hooks, counts = batch.durations, batch.lags, batch.hooks, batch.counts
+        calls: dict[str, Callable[..., Any]] = {}
+        started = _now()
+        try:
+            for _ in range(budget):
+                try:
+                    entry = queue.popleft()
+                except IndexError:
+                    return
+                if self._space_waiters:
+                    self._popped()
+                if entry.__class__ is Barrier:
+                    observer.commit(batch)  # counts are exact once a flush returns
+                    batch = Batch()
+                    durations, lags, hooks, counts = (
+                        batch.durations,
+                        batch.lags,
+                        batch.hooks,
+                        batch.counts,
+                    )
+                    entry.release()
+                    started = _now()
+                    continue
+                hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
+                run_id = kwargs.get("run_id")
+                if hook in _START_HOOKS:
+                    core.remember_parent(run_id, kwargs)
+                if breaker.state != "closed" and not observer.admit(hook, run_id):
+                    continue
+                call = calls.get(hook)
+                if call is None:
+                    call = calls[hook] = core.sync_call(hook)
+                self.busy_since, self.inflight = started, hook
+                kind: str | None = None
+                try:
+                    result = context.run(call, *args, **kwargs)
+                    if result is not None and hasattr(result, "__await__"):
+                        context.run(core.await_elsewhere, result, loop)
+                except StopStream as stop:
+                    core.mark_stop(run_id, stop)
+                except BaseException as exc:  # a worker must survive whatever a handler does
+                    kind = observer.failure(hook, exc, run_id)
+                ended = _now()
+                if kind is None and breaker.consecutive:
+                    observer.outcome(True)
+                durations.append(ended - started)
+                lags.append(started - emitted_at)
+                hooks.append(hook)
+                key = (hook, kind)
+                counts[key] = counts.get(key, 0) + 1
+                if kind is None and hook in PAIRED_HOOKS:
+                    batch.paired.append((hook, run_id))
+                started = ended
+        finally:
+            self.busy_since, self.inflight = None, None
+            self.stuck_reported = False
+            observer.commit(batch)
+
+
+class _LoopLane(_Lane):
+    """Drained by a task on one event loop (the emitter's, or the background one)."""
+
+    def __init__(self, core: Dispatcher, loop: asyncio.AbstractEventLoop, background: bool) -> None:
+        super().__init__(core)
+        self.loop = loop
+        self.background = background
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def _may_block(self) -> bool:
+        # Blocking the loop that must drain this lane could never make room.
+        return _get_running_loop() is not self.loop
+
+    def kick(self) -> None:
+        with self._lock:
+            if self.scheduled:
+                return
+            self.scheduled = True
+        loop = self.loop
+        assert loop is not None
+        try:
+            if _get_running_loop() is loop:
+                loop.call_soon(self._start)
+            else:
+                loop.call_soon_threadsafe(self._start)
+        except RuntimeError:  # the loop is closed: nothing will ever drain it
+            self.scheduled = False
+            self.discard_all("loop_closed")
+
+    def _start(self) -> None:
+        assert self.loop is not None
+        self._task = self.loop.create_task(self._consume())
+
+    def _unschedule(self) -> bool:
+        with self._lock:
+            self.scheduled = False
+            if self.queue:
+                self.scheduled = True
+                return False
+            return True
+
+    async def _consume(self) -> None:
+        try:
+            while True:
+                await self._drain()
+                if self.background:
+                    await self._linger()
+                if not self.queue and self._unschedule():
+                    return
+        except asyncio.CancelledError:
+            # The loop is shutting down (asyncio.run cancels leftover tasks and
+            # then waits for them): deliver what fits in the exit budget.
+            await self._salvage()
+            raise
+
+    async def _linger(self) -> None:
+        quiet_since = _now()
+        while not self.queue and _now() - quiet_since < LINGER_SECONDS:
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _drain(self) -> None:
+        queue = self.queue
+        observer = self.core.observer
+        batch = Batch()
+        try:
+            while True:
+                self.high_water = max(self.high_water, len(queue))
+                try:
+                    entry = queue.popleft()
+                except IndexError:
+                    return
+                self._popped()
+                if isinstance(entry, Barrier):
+                    observer.commit(batch)
+                    batch = Batch()
+                    entry.release()
+                    continue
+                await self.core.deliver_async(self, entry, batch)
+                if len(batch) >= 64:
+                    observer.commit(batch)
+                    batch = Batch()
+        finally:
+            observer.commit(batch)
+
+    async def _salvage(self) -> None:
+        deadline = _now() + self.core.options.exit_timeout
+        try:
+            while self.queue and _now() < deadline:
+                entry = self.queue.popleft()
+                if isinstance(entry, Barrier):
+                    entry.release()
+                    continue
+                batch = Batch()
+                await asyncio.wait_for(
+                    self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
+                )
+                self.core.observer.commit(batch)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.discard_all("loop_closed")
+            self.scheduled = False
+
+    def reap_if_dead(self) -> None:
+        loop = self.loop
+        if loop is not None and loop.is_closed() and self.queue:
+            self.discard_all("loop_closed")
+
+
+class Dispatcher:
+    """The engine behind one hardened handler: lanes, inline calls, flush, close, stats."""
+
+    def __init__(
+        self,
+        target: object,
+        resolve: Resolver,
+        name: str,
+        options: Options,
+        async_only: bool,
+        has_async: bool,
+    ) -> None:
+        self.target = target
+        self.resolve = resolve
+        self.name = name
+        self.options = options
+        self.async_only = async_only
+        self.has_async = has_async
+        self.observer = Observer(name, options)
+        self.closed = False
+        self.stop_marks: dict[object, StopStream] = {}
+        self._parents: dict[object, object] = {}
+        self._thread_lane = _ThreadLane(self)
+        self._loop_lanes: dict[asyncio.AbstractEventLoop | None, _LoopLane] = {}
+        self._loop_lanes_lock = threading.Lock()
+        self.fast_lane: _Lane | None = None
+        self._refresh_fast_lane()
+        _registry.add(self)
+
+    def _refresh_fast_lane(self) -> None:
+        """The lane recorders may append to directly, or None to take ``record``."""
+        simple = self.options.mode == "offload" and not self.has_async
+        fast = simple and not self.closed and not self.stop_marks
+        self.fast_lane = self._thread_lane if fast else None
+
+    # --- the token path ---------------------------------------------------
+
+    def record(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Take one event on the emitter's side (recorders inline the common case)."""
+        if self.stop_marks:
+            self.check_stop(hook, kwargs)
+        next(self.observer.emitted)
+        if self.closed:
+            self.observer.dropped(hook, reason="closed")
+            return
+        loop = _get_running_loop()
+        if self.options.mode == "inline":
+            if loop is not None and self.has_async and self._is_async(hook):
+                # Awaiting here would block the emitting loop: run it as an ordered task on it.
+                self._loop_lane(loop).put((hook, args, kwargs, _copy_context(), _now(), loop))
+            else:
+                self._call_inline(hook, args, kwargs)
+            return
+        lane: _Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
+        lane.put((hook, args, kwargs, _copy_context(), _now(), loop))
+
+    def _is_async(self, hook: str) -> bool:
+        try:
+            return is_async_callable(self.resolve(hook))
+        except Exception:
+            return False
+
+    def _call_inline(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        run_id = kwargs.get("run_id")
+        if not self.observer.admit(hook, run_id):
+            return
+        started = _now()
+        error: BaseException | None = None
+        try:
+            result = call_hook(self.resolve, self.target, hook, args, kwargs)
+            if result is not None and hasattr(result, "__await__"):
+                self.await_elsewhere(result, None)
+        except BaseException as exc:
+            if passes_through_caller(exc):
+                self._commit_one(hook, run_id, None, started, started)
+                raise
+            error = exc
+        self._commit_one(hook, run_id, error, started, started)
+
+    def _commit_one(
+        self, hook: str, run_id: object, error: BaseException | None, started: float, at: float
+    ) -> None:
+        batch = Batch()
+        self._add_result(batch, hook, run_id, error, started, at)
+        self.observer.commit(batch)
+
+    def check_stop(self, hook: str, kwargs: Mapping[str, Any]) -> None:
+        """Raise a pending ``StopStream`` into the run it was raised for (emitter side)."""
+        if hook in ERROR_HOOKS:
+            return
+        marks = self.stop_marks
+        found = marks.get(kwargs.get("run_id")) or marks.get(kwargs.get("parent_run_id"))
+        if found is None:
+            return
+        for run_id in [r for r, exc in list(marks.items()) if exc is found]:
+            marks.pop(run_id, None)
+        self._refresh_fast_lane()
+        raise StopStream(found.reason) from found
+
+    # --- lanes -------------------------------------------------------------
+
+    def _loop_lane(self, loop: asyncio.AbstractEventLoop | None) -> _LoopLane:
+        lane = self._loop_lanes.get(loop)
+        if lane is not None:
+            return lane
+        target = background_loop() if loop is None else loop
+        with self._loop_lanes_lock:
+            lane = self._loop_lanes.get(target)
+            if lane is None:
+                lane = _LoopLane(self, target, background=loop is None)
+                self._loop_lanes[target] = lane
+            # Sync emitters look the background lane up under None.
+            self._loop_lanes[loop] = lane
+            return lane
+
+    def lanes(self) -> list[_Lane]:
+        with self._loop_lanes_lock:
+            unique = {id(lane): lane for lane in self._loop_lanes.values()}
+        return [self._thread_lane, *unique.values()]
+
+    # --- delivery ---------------------------------------------------------
+
+    def sync_call(self, hook: str) -> Callable[..., Any]:
+        """The callable a worker runs for ``hook`` (resolved once per batch)."""
+        if hook == "on_chat_model_start":
+            return functools.partial(call_hook, self.resolve, self.target, hook)
+        return self.resolve(hook)
+
+    def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Run an async hook from a thread: the emitting loop if alive, else the background one."""
+        if loop is None or loop.is_closed() or not loop.is_running():
+            loop = background_loop()
+        coro = awaitable if asyncio.iscoroutine(awaitable) else await_any(awaitable)
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            future.result(self.options.timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"async hook exceeded timeout={self.options.timeout}s") from None
+
+    async def deliver_async(self, lane: _Lane, item: Item, batch: Batch) -> None:
+        """Deliver one event to an async handler on this loop, as a task in its context."""
+        hook, args, kwargs, context, emitted_at, _ = item
+        run_id = kwargs.get("run_id")
+        if hook in _START_HOOKS:
+            self.remember_parent(run_id, kwargs)
+        if not self.observer.admit(hook, run_id):
+            return
+        loop = asyncio.get_running_loop()
+        started = _now()
+        lane.busy_since, lane.inflight = started, hook
+        task = _task_in_context(
+            loop, acall_hook(self.resolve, self.target, hook, args, kwargs), context
+        )
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        timer = loop.call_later(self.options.timeout, expire)
+        error: BaseException | None = None
+        try:
+            await task
+        except StopStream as stop:
+            self.mark_stop(run_id, stop)
+        except asyncio.CancelledError as exc:
+            if own_task_is_cancelling():
+                raise  # the consumer itself is being cancelled (loop shutdown)
+            error = (
+                TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
+                if timed_out
+                else exc
+            )
+        except BaseException as exc:
+            error = exc
+        finally:
+            timer.cancel()
+            lane.busy_since, lane.inflight = None, None
+        self._add_result(batch, hook, run_id, error, started, emitted_at)
+
+    def _add_result(
+        self,
+        batch: Batch,
+        hook: str,
+        run_id: object,
+        error: BaseException | None,
+        started: float,
+        emitted_at: float,
+    ) -> None:
+        if error is None:
+            self.observer.outcome(True)
+            kind = None
+        else:
+            kind = self.observer.failure(hook, error, run_id)
+        batch.add(hook, run_id, kind, _now() - started, started - emitted_at)
+
+    def remember_parent(self, run_id: object, kwargs: Mapping[str, Any]) -> None:
+        parent = kwargs.get("parent_run_id")
+        if parent is not None:
+            self._parents[run_id] = parent
+            if len(self._parents) > _MAX_PARENTS:
+                self._parents.pop(next(iter(self._parents)))
+
+    def mark_stop(self, run_id: object, exc: StopStream) -> None:
+        """Have ``exc`` raised into ``run_id`` and its ancestors at their next event."""
+        if run_id is None:
+            return
+        current: object = run_id
+        for _ in range(64):
+            if current is None:
+                break
+            self.stop_marks[current] = exc
+            current = self._parents.get(current)
+        while len(self.stop_marks) > _MAX_STOP_MARKS:
+            self.stop_marks.pop(next(iter(self.stop_marks)))
+        self.fast_lane = None
+
+    # --- flush, close, stats ------------------------------------------------
+
+    def place_barriers(self) -> list[tuple[_Lane, Barrier]]:
+        placed = []
+        for lane in self.lanes():
+            if isinstance(lane, _LoopLane):
+                lane.reap_if_dead()
+                if lane.loop is not None and lane.loop.is_closed():
+                    continue
+            barrier = Barrier()
+            lane.put_barrier(barrier)
+            placed.append((lane, barrier))
+        return placed
+
+    def flush(self, timeout: float) -> bool:
+        deadline = _now() + timeout
+        here = _get_running_loop()
+        ok = True
+        for lane, barrier in self.place_barriers():
+            if here is not None and lane.loop is here:
+                # Waiting would block the very loop that must drain it: use aflush().
+                ok = ok and barrier.done()
+                continue
+            ok = barrier.wait(deadline - _now()) and ok
+        self.observer.summarise()
+        return ok
+
+    async def aflush(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        futures = [barrier.future(loop) for _, barrier in self.place_barriers()]
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+            for fut in pending:
+                fut.cancel()
+            if pending:
+                return False
+        self.observer.summarise()
+        return True
+
+    def close(self, timeout: float) -> bool:
+        ok = self.flush(timeout) if not self.closed else True
+        self.shut(reason="closed")
+        return ok
+
+    async def aclose(self, timeout: float) -> bool:
+        ok = await self.aflush(timeout) if not self.closed else True
+        self.shut(reason="closed")
+        return ok
+
+    def shut(self, reason: str) -> None:
+        """Stop taking events; count whatever is still queued as dropped."""
+        self.closed = True
+        self._refresh_fast_lane()
+        for lane in self.lanes():
+            if lane.busy_since is None:
+                lane.discard_all(reason)
+        _registry.discard(self)
+
+    def stats(self) -> Stats:
+        now = _now()
+        queued: Counter[str] = Counter()
+        depth = high = 0
+        stuck = False
+        for lane in self.lanes():
+            if isinstance(lane, _LoopLane):
+                lane.reap_if_dead()
+            queued.update(lane.queued_by_hook())
+            depth += lane.depth()
+            high = max(high, lane.high_water)
+            stuck = stuck or lane.stuck(now)
+        return self.observer.snapshot(
+            self.options.mode, queued, depth, max(high, depth), stuck, self.closed
+        )
+
+    def queue_depth(self) -> int:
+        return sum(lane.depth() for lane in self.lanes())
+
+    def reset_after_fork(self) -> None:
+        self.observer.reset_after_fork()
+        self.stop_marks.clear()
+        self._parents.clear()
+        self._thread_lane = _ThreadLane(self)
+        self._loop_lanes = {}
+        self._loop_lanes_lock = threading.Lock()
+        self._refresh_fast_lane()
+
+
+def _task_in_context(
+    loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context
+) -> asyncio.Task[Any]:
+    if sys.version_info >= (3, 11):
+        return loop.create_task(coro, context=context)
+    return context.run(loop.create_task, coro)  # pragma: no cover - Python 3.10
+
+
+# --- the shared worker pool ---------------------------------------------------
+
+
+def _idle_exit_seconds() -> float:
+    try:
+        return max(float(os.environ.get(IDLE_EXIT_ENV, "5")), 0.01)
+    except ValueError:
+        return 5.0
+
+
+class _Pool:
+    """Worker threads shared by every hardened sync handler in the process.
+
+    Threads are started only when a lane is ready and no worker is idle, so a
+    hung handler costs one thread while the others carry on; idle threads exit
+    after ``idle_exit`` seconds, so per-request handlers leave nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.ready: deque[_ThreadLane] = deque()
+        self.lingering: dict[_ThreadLane, float] = {}
+        self.busy: set[_ThreadLane] = set()
+        self.threads: set[threading.Thread] = set()
+        self.idle = 0
+        self.poller = False
+        self.idle_exit = _idle_exit_seconds()
+        self._serial = 0
+
+    def kick(self, lane: _ThreadLane) -> None:
+        with self.lock:
+            if lane.scheduled:
+                return
+            lane.scheduled = True
+            self.ready.append(lane)
+            self._wake_or_spawn()
+
+    def _wake_or_spawn(self) -> None:
+        if self.idle:
+            self.cond.notify()
+        elif len(self.threads) < MAX_WORKERS:
+            self._serial += 1
+            thread = threading.Thread(
+                target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
+            )
+            self.threads.add(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            lane = self._next_lane()
+            if lane is None:
+                return
+            try:
+                lane.drain(BATCH)
+            finally:
+                self._after_drain(lane)
+
+    def _next_lane(self) -> _ThreadLane | None:
+        with self.lock:
+            idle_since = _now()
+            while not self.ready:
+                self._poll()
+                if self.ready:
+                    break
+                if (self.lingering or self.busy) and not self.poller:
+                    self.poller = True
+                    self.idle += 1
+                    self.cond.wait(POLL_SECONDS if self.lingering else WATCHDOG_SECONDS)
+                    self.idle -= 1
+                    self.poller = False
+                    idle_since = _now()
+                    continue
+                self.idle += 1
+                self.cond.wait(self.idle_exit)
+                self.idle -= 1
+                if not self.ready and _now() - idle_since >= self.idle_exit:
+                    self.threads.discard(threading.current_thread())
+                    return None
+            lane = self.ready.popleft()
+            self.busy.add(lane)
+            return lane
+
+    def _after_drain(self, lane: _ThreadLane) -> None:
+        with self.lock:
+            self.busy.discard(lane)
+            if lane.queue:
+                self.ready.append(lane)
+            else:
+                self.lingering[lane] = _now()
+
+    def _poll(self) -> None:
+        """Move lingering lanes with new events to ready; let quiet ones go idle."""
+        now = _now()
+        for lane, since in list(self.lingering.items()):
+            if lane.queue:
+                del self.lingering[lane]
+                self.ready.append(lane)
+            elif now - since >= LINGER_SECONDS:
+                del self.lingering[lane]
+                lane.scheduled = False
+                if lane.queue:  # an event slipped in before the flag dropped
+                    lane.scheduled = True
+                    self.ready.append(lane)
+        for lane in self.busy:
+            if lane.stuck(now) and not lane.stuck_reported:
+                lane.stuck_reported = True
+                lane.core.observer.announce_once(
+                    "stuck",
+                    "handler_stuck",
+                    hook=lane.inflight,
+                    seconds=round(now - (lane.busy_since or now), 3),
+                )
+        if self.ready and self.idle > 1:
+            self.cond.notify()
+
+
+_POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool() -> _Pool:
+    global _POOL
+    found = _POOL
+    if found is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = _Pool()
+            found = _POOL
+    return found
+
+
+def worker_threads() -> int:
+    """Live worker threads of the pool (for tests and diagnostics)."""
+    found = _POOL
+    return 0 if found is None else len(found.threads)
+
+
+# --- the shared background loop -------------------------------------------------
+
+_BACKGROUND: asyncio.AbstractEventLoop | None = None
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """One long-lived loop for async hooks whose events came from plain sync code."""
+    global _BACKGROUND
+    found = _BACKGROUND
+    if found is not None and not found.is_closed():
+        return found
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None or _BACKGROUND.is_closed():
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            threading.Thread(target=run, name="safecallbacks-loop", daemon=True).start()
+            started.wait(5.0)
+            _BACKGROUND = loop
+        return _BACKGROUND
+
+
+# --- the registry, exit and fork --------------------------------------------------
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._items: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, item: Dispatcher) -> None:
+        with self._lock:
+            self._items.add(item)
+
+    def discard(self, item: Dispatcher) -> None:
+        with self._lock:
+            self._items.discard(item)
+
+    def __iter__(self) -> Iterator[Dispatcher]:
+        with self._lock:
+            return iter(list(self._items))
+
+
+_registry = _Registry()
+
+
+def _depths() -> Iterable[tuple[str, int]]:
+    for core in _registry:
+        yield core.name, core.queue_depth()
+
+
+register_depth_source(_depths)
+
+
+def drain_at_exit() -> None:
+    """Give pending events a bounded time at interpreter exit, then count the rest dropped."""
+    cores = list(_registry)
+    placed = [(core, core.place_barriers()) for core in cores]
+    started = _now()
+    for core, barriers in placed:
+        deadline = started + core.options.exit_timeout
+        for _, barrier in barriers:
+            if not barrier.wait(deadline - _now()):
+                break
+        core.observer.summarise()
+        core.shut(reason="exit")
+
+
+def _after_fork_in_child() -> None:
+    global _POOL, _BACKGROUND, _POOL_LOCK, _BACKGROUND_LOCK
+    _POOL = None
+    _BACKGROUND = None
+    _POOL_LOCK = threading.Lock()
+    _BACKGROUND_LOCK = threading.Lock()
+    _registry._lock = threading.Lock()
+    for core in list(_registry._items):
+        core.reset_after_fork()
+
+
+atexit.register(drain_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

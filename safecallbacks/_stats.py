@@ -1,0 +1,172 @@
+"""The frozen ``Stats`` snapshot and the small fixed-memory estimator behind it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+_SUB_BUCKETS = 8  # per power of two: about 9% relative precision on quantiles
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+class Estimator:
+    """Count, mean, max and approximate quantiles of durations in fixed memory.
+
+    Values fall into logarithmic buckets (eight per doubling), so memory stays
+    a few hundred integers whatever the number of samples. Not thread-safe:
+    the owner serialises calls.
+    """
+
+    __slots__ = ("_buckets", "count", "maximum", "total")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, int] = {}
+        self.count = 0
+        self.total = 0.0
+        self.maximum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.add_many((seconds,))
+
+    def add_many(self, values: Iterable[float]) -> None:
+        buckets, frexp, sub = self._buckets, math.frexp, _SUB_BUCKETS
+        count, total, maximum = self.count, self.total, self.maximum
+        for seconds in values:
+            count += 1
+            if seconds < 1e-9:
+                index = -1
+            else:
+                total += seconds
+                if seconds > maximum:
+                    maximum = seconds
+                # frexp splits x into m * 2**e with 0.5 <= m < 1: e picks the
+                # doubling, m the sub-bucket inside it (cheaper than a log).
+                mantissa, exponent = frexp(seconds * 1e9)
+                index = exponent * sub + int((mantissa - 0.5) * 2 * sub)
+            buckets[index] = buckets.get(index, 0) + 1
+        self.count, self.total, self.maximum = count, total, maximum
+
+    def quantile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for index in sorted(self._buckets):
+            seen += self._buckets[index]
+            if seen >= rank:
+                return min(_bucket_upper(index), self.maximum)
+        return self.maximum
+
+    def summary(self) -> Summary:
+        if not self.count:
+            return Summary()
+        return Summary(
+            count=self.count,
+            mean=self.total / self.count,
+            p50=self.quantile(0.5),
+            p99=self.quantile(0.99),
+            max=self.maximum,
+        )
+
+
+def _bucket_upper(index: int) -> float:
+    if index < 0:
+        return 1e-9
+    exponent, sub = divmod(index, _SUB_BUCKETS)
+    return float(math.ldexp(0.5 + (sub + 1) / (2 * _SUB_BUCKETS), exponent) / 1e9)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Count, mean, median, 99th percentile and maximum of a duration, in seconds."""
+
+    count: int = 0
+    mean: float = 0.0
+    p50: float = 0.0
+    p99: float = 0.0
+    max: float = 0.0
+
+    def __repr__(self) -> str:
+        if not self.count:
+            return "Summary(count=0)"
+        return (
+            f"Summary(count={self.count}, mean={_ms(self.mean)}, p50={_ms(self.p50)}, "
+            f"p99={_ms(self.p99)}, max={_ms(self.max)})"
+        )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}ms"
+
+
+@dataclass(frozen=True)
+class HookStats:
+    """Outcome counts of one hook.
+
+    ``emitted == delivered + failed + dropped + skipped + pending``.
+    """
+
+    emitted: int = 0
+    delivered: int = 0
+    failed: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A frozen snapshot of one hardened handler.
+
+    ``emitted`` is counted on the emitting side, independently of the outcome
+    counters, so ``emitted == delivered + failed + dropped + skipped + pending``
+    is a real check: after a successful ``flush()`` it holds with
+    ``pending == 0``.
+    """
+
+    handler: str
+    mode: str
+    emitted: int = 0
+    delivered: int = 0
+    failed: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    pending: int = 0
+    hooks: Mapping[str, HookStats] = field(default_factory=lambda: MappingProxyType({}))
+    errors: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    handler_time: Summary = Summary()
+    lag: Summary = Summary()
+    queue_depth: int = 0
+    queue_high_water: int = 0
+    stuck: bool = False
+    breaker: str = "closed"
+    closed: bool = False
+
+    def __repr__(self) -> str:
+        counts = (
+            f"emitted={self.emitted}, delivered={self.delivered}, failed={self.failed}, "
+            f"dropped={self.dropped}, skipped={self.skipped}, pending={self.pending}"
+        )
+        extras = [
+            f"queue_depth={self.queue_depth}",
+            f"queue_high_water={self.queue_high_water}",
+            f"breaker={self.breaker!r}",
+        ]
+        if self.stuck:
+            extras.append("stuck=True")
+        if self.closed:
+            extras.append("closed=True")
+        if self.errors:
+            extras.append(f"errors={dict(self.errors)!r}")
+        hooks = ", ".join(
+            f"{hook}: {h.delivered}/{h.emitted}" for hook, h in sorted(self.hooks.items())
+        )
+        return (
+            f"Stats(handler={self.handler!r}, mode={self.mode!r}, {counts},\n"
+            f"      {', '.join(extras)},\n"
+            f"      handler_time={self.handler_time!r},\n"
+            f"      lag={self.lag!r},\n"
+            f"      hooks(delivered/emitted)={{{hooks}}})"
+        )
