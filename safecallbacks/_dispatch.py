@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
-import functools
 import os
 import sys
 import threading
@@ -545,7 +544,13 @@ class Dispatcher:
     def sync_call(self, hook: str) -> Callable[..., Any]:
         """The callable a worker runs for ``hook`` (resolved once per batch)."""
         if hook == "on_chat_model_start":
-            return functools.partial(call_hook, self.resolve, self.target, hook)
+            # Goes through call_hook for LangChain's on_llm_start fallback.
+            resolve, target = self.resolve, self.target
+
+            def chat_model_start(*args: Any, **kwargs: Any) -> Any:
+                return call_hook(resolve, target, hook, args, kwargs)
+
+            return chat_model_start
         return self.resolve(hook)
 
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -589,7 +594,12 @@ class Dispatcher:
             self.mark_stop(run_id, stop)
         except asyncio.CancelledError as exc:
             if own_task_is_cancelling():
-                raise  # the consumer itself is being cancelled (loop shutdown)
+                # The consumer itself is being cancelled (the loop is shutting
+                # down): the event in flight is accounted as failed, then we go.
+                timer.cancel()
+                lane.busy_since, lane.inflight = None, None
+                self._add_result(batch, hook, run_id, exc, started, emitted_at)
+                raise
             error = (
                 TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
                 if timed_out

@@ -245,6 +245,9 @@ def _harden_class_body(cls: type) -> None:
         recorder = _recorder(hook, value)
         recorder._sc_owner.append(cls)  # type: ignore[attr-defined]
         setattr(cls, hook, recorder)
+    for attr in ("raise_error", "run_inline"):
+        if attr in cls.__dict__:  # a hardened class never re-raises and never hops threads
+            setattr(cls, attr, _Hardened.__dict__[attr])
     cls._sc_originals = originals  # type: ignore[attr-defined]
     cls._sc_resolved = _resolved_originals(cls)  # type: ignore[attr-defined]
     for flag in IGNORE_FLAGS:

@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _http_support import (
+
+from tests._http_support import (
     LOOPBACK,
     NginxProcess,
     UvicornThread,
