@@ -128,6 +128,7 @@ class _Lane:
         self.busy_since: float | None = None
         self.inflight: str | None = None
         self.stuck_reported = False
+        self.batch = Batch()  # results not yet committed to the observer
         self._space = threading.Condition(threading.Lock())
         self._space_waiters = 0
 
@@ -249,7 +250,7 @@ class _ThreadLane(_Lane):
         core = self.core
         observer = core.observer
         breaker = observer.breaker
-        batch = Batch()
+        batch = self.batch
         durations, lags, hooks, counts = batch.durations, batch.lags, batch.hooks, batch.counts
         calls: dict[str, Callable[..., Any]] = {}
         started = _now()
@@ -262,8 +263,7 @@ class _ThreadLane(_Lane):
                 if self._space_waiters:
                     self._popped()
                 if entry.__class__ is Barrier:
-                    observer.commit(batch)  # counts are exact once a flush returns
-                    batch = Batch()
+                    batch = observer.commit(batch, self)  # exact counts once a flush returns
                     durations, lags, hooks, counts = (
                         batch.durations,
                         batch.lags,
@@ -291,7 +291,7 @@ class _ThreadLane(_Lane):
                 except StopStream as stop:
                     core.mark_stop(run_id, stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
-                    kind = observer.failure(hook, exc, run_id)
+                    kind = observer.failure(hook, exc, run_id, args, kwargs)
                 ended = _now()
                 if kind is None and breaker.consecutive:
                     observer.outcome(True)
@@ -301,12 +301,12 @@ class _ThreadLane(_Lane):
                 key = (hook, kind)
                 counts[key] = counts.get(key, 0) + 1
                 if kind is None and hook in PAIRED_HOOKS:
-                    batch.paired.append((hook, run_id))
+                    observer.track_run(hook, run_id)
                 started = ended
         finally:
             self.busy_since, self.inflight = None, None
             self.stuck_reported = False
-            observer.commit(batch)
+            observer.commit(batch, self)
 
 
 class _LoopLane(_Lane):
@@ -373,7 +373,7 @@ class _LoopLane(_Lane):
     async def _drain(self) -> None:
         queue = self.queue
         observer = self.core.observer
-        batch = Batch()
+        batch = self.batch
         try:
             while True:
                 self.high_water = max(self.high_water, len(queue))
@@ -383,16 +383,14 @@ class _LoopLane(_Lane):
                     return
                 self._popped()
                 if isinstance(entry, Barrier):
-                    observer.commit(batch)
-                    batch = Batch()
+                    batch = observer.commit(batch, self)
                     entry.release()
                     continue
                 await self.core.deliver_async(self, entry, batch)
                 if len(batch) >= 64:
-                    observer.commit(batch)
-                    batch = Batch()
+                    batch = observer.commit(batch, self)
         finally:
-            observer.commit(batch)
+            observer.commit(batch, self)
 
     async def _salvage(self) -> None:
         deadline = _now() + self.core.options.exit_timeout
@@ -475,6 +473,37 @@ class Dispatcher:
         lane: _Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
         lane.put((hook, args, kwargs, _copy_context(), _now(), loop))
 
+    async def arecord_inline(
+        self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Inline mode on the async path: LangChain awaits this, so the handler is awaited here."""
+        if self.stop_marks:
+            self.check_stop(hook, kwargs)
+        next(self.observer.emitted)
+        if self.closed:
+            self.observer.dropped(hook, reason="closed")
+            return
+        run_id = kwargs.get("run_id")
+        if not self.observer.admit(hook, run_id):
+            return
+        started = _now()
+        error: BaseException | None = None
+        try:
+            await asyncio.wait_for(
+                acall_hook(self.resolve, self.target, hook, args, kwargs), self.options.timeout
+            )
+        except asyncio.TimeoutError:
+            error = TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
+        except BaseException as exc:
+            if passes_through_caller(exc):
+                self._commit_one(hook, run_id, None, started, started, args, kwargs)
+                raise
+            error = exc
+        self._commit_one(hook, run_id, error, started, started, args, kwargs)
+
+    def inline_async_hook(self, hook: str) -> InlineAsyncHook:
+        return InlineAsyncHook(self, hook)
+
     def _is_async(self, hook: str) -> bool:
         try:
             return is_async_callable(self.resolve(hook))
@@ -493,16 +522,23 @@ class Dispatcher:
                 self.await_elsewhere(result, None)
         except BaseException as exc:
             if passes_through_caller(exc):
-                self._commit_one(hook, run_id, None, started, started)
+                self._commit_one(hook, run_id, None, started, started, args, kwargs)
                 raise
             error = exc
-        self._commit_one(hook, run_id, error, started, started)
+        self._commit_one(hook, run_id, error, started, started, args, kwargs)
 
     def _commit_one(
-        self, hook: str, run_id: object, error: BaseException | None, started: float, at: float
+        self,
+        hook: str,
+        run_id: object,
+        error: BaseException | None,
+        started: float,
+        at: float,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
     ) -> None:
         batch = Batch()
-        self._add_result(batch, hook, run_id, error, started, at)
+        self._add_result(batch, hook, run_id, error, started, at, args, kwargs)
         self.observer.commit(batch)
 
     def check_stop(self, hook: str, kwargs: Mapping[str, Any]) -> None:
@@ -598,7 +634,7 @@ class Dispatcher:
                 # down): the event in flight is accounted as failed, then we go.
                 timer.cancel()
                 lane.busy_since, lane.inflight = None, None
-                self._add_result(batch, hook, run_id, exc, started, emitted_at)
+                self._add_result(batch, hook, run_id, exc, started, emitted_at, args, kwargs)
                 raise
             error = (
                 TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
@@ -610,7 +646,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             lane.busy_since, lane.inflight = None, None
-        self._add_result(batch, hook, run_id, error, started, emitted_at)
+        self._add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
 
     def _add_result(
         self,
@@ -620,13 +656,17 @@ class Dispatcher:
         error: BaseException | None,
         started: float,
         emitted_at: float,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if error is None:
             self.observer.outcome(True)
             kind = None
+            if hook in PAIRED_HOOKS:
+                self.observer.track_run(hook, run_id)
         else:
-            kind = self.observer.failure(hook, error, run_id)
-        batch.add(hook, run_id, kind, _now() - started, started - emitted_at)
+            kind = self.observer.failure(hook, error, run_id, args, kwargs)
+        batch.add(hook, kind, _now() - started, started - emitted_at)
 
     def remember_parent(self, run_id: object, kwargs: Mapping[str, Any]) -> None:
         parent = kwargs.get("parent_run_id")
@@ -719,8 +759,15 @@ class Dispatcher:
             depth += lane.depth()
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
+        lanes = self.lanes()
         return self.observer.snapshot(
-            self.options.mode, queued, depth, max(high, depth), stuck, self.closed
+            self.options.mode,
+            queued,
+            depth,
+            max(high, depth),
+            stuck,
+            self.closed,
+            live=lambda: [lane.batch for lane in lanes],
         )
 
     def queue_depth(self) -> int:
@@ -734,6 +781,39 @@ class Dispatcher:
         self._loop_lanes = {}
         self._loop_lanes_lock = threading.Lock()
         self._refresh_fast_lane()
+
+
+async def _coroutine_shape(*args: Any, **kwargs: Any) -> None:
+    """Never called: lends its code object to ``InlineAsyncHook``."""
+
+
+class InlineAsyncHook:
+    """An async hook of an inline-mode handler, shaped so LangChain awaits it.
+
+    LangChain's async manager awaits hooks that look like coroutine functions
+    (it checks the code flags, or asyncio's marker on 0.3) and calls the rest
+    in place; its sync manager calls every hook and runs whatever coroutine
+    comes back on a throwaway event loop. This object looks like a coroutine
+    function, but only returns a coroutine when a loop is running on the
+    calling thread: from plain sync code it delivers on the shared
+    background loop itself and returns None, so no loop is ever made per event.
+    """
+
+    __code__ = _coroutine_shape.__code__
+    __defaults__ = None
+    __kwdefaults__ = None
+    _is_coroutine = getattr(asyncio.coroutines, "_is_coroutine", None)
+
+    def __init__(self, core: Dispatcher, hook: str) -> None:
+        self.core = core
+        self.hook = self.__name__ = self.__qualname__ = hook
+        self.__annotations__: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _get_running_loop() is None:
+            self.core.record(self.hook, args, kwargs)
+            return None
+        return self.core.arecord_inline(self.hook, args, kwargs)
 
 
 def _task_in_context(
@@ -800,6 +880,10 @@ class _Pool:
                 return
             try:
                 lane.drain(BATCH)
+            except BaseException as exc:  # our own bug: never let it kill the pool
+                lane.core.observer.announce_once(
+                    "internal", "internal_error", error_type=type(exc).__qualname__
+                )
             finally:
                 self._after_drain(lane)
 
@@ -826,6 +910,10 @@ class _Pool:
                     return None
             lane = self.ready.popleft()
             self.busy.add(lane)
+            if self.ready:
+                # More lanes wait: this worker may be about to hang in a handler,
+                # so make sure someone else will take them.
+                self._wake_or_spawn()
             return lane
 
     def _after_drain(self, lane: _ThreadLane) -> None:
@@ -948,13 +1036,22 @@ def drain_at_exit() -> None:
     cores = list(_registry)
     placed = [(core, core.place_barriers()) for core in cores]
     started = _now()
+    lost: dict[str, int] = {}
     for core, barriers in placed:
         deadline = started + core.options.exit_timeout
         for _, barrier in barriers:
             if not barrier.wait(deadline - _now()):
                 break
         core.observer.summarise()
+        before = core.stats().dropped
         core.shut(reason="exit")
+        if core.stats().dropped > before:
+            lost[core.name] = lost.get(core.name, 0) + core.stats().dropped - before
+    if lost:
+        # One line for the whole process, however many handlers were still busy.
+        from ._observe import logger
+
+        logger.warning("events_dropped_at_exit", handlers=lost, total=sum(lost.values()))
 
 
 def _after_fork_in_child() -> None:

@@ -225,12 +225,22 @@ def _class_core(handler: Any, options: Options) -> Dispatcher:
     )
 
 
+def _install_inline_async_hooks(handler: Any, core: Dispatcher, hooks: Mapping[str, Any]) -> None:
+    """In inline mode, async hooks are awaited by LangChain's async path (see InlineAsyncHook)."""
+    if core.options.mode != "inline":
+        return
+    for hook, value in hooks.items():
+        if is_async_callable(value):
+            handler.__dict__[hook] = core.inline_async_hook(hook)
+
+
 def _lazy_core(handler: Any) -> Dispatcher:
     with _CORE_LOCK:
         found = handler.__dict__.get("_sc_core")
         if found is None:
             found = _class_core(handler, type(handler)._sc_default_options)
             handler.__dict__["_sc_core"] = found
+            _install_inline_async_hooks(handler, found, type(handler)._sc_resolved)
         return cast(Dispatcher, found)
 
 
@@ -299,7 +309,8 @@ class SafeHandler(_Hardened, BaseCallbackHandler):
         )
         with _CORE_LOCK:
             previous = self.__dict__.get("_sc_core")
-            self.__dict__["_sc_core"] = _class_core(self, options)
+            core = self.__dict__["_sc_core"] = _class_core(self, options)
+        _install_inline_async_hooks(self, core, type(self)._sc_resolved)
         if previous is not None:
             previous.close(0.0)
 
@@ -333,6 +344,7 @@ class _HardenedProxy(_Hardened, BaseCallbackHandler):
             async_only=async_only,
             has_async=has_async,
         )
+        _install_inline_async_hooks(self, self._sc_core, hooks)
 
     @property
     def wrapped(self) -> BaseCallbackHandler:

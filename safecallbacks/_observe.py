@@ -159,6 +159,16 @@ class BreakerState:
         return None
 
 
+def _render_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in kwargs.items() if k not in ("run_id", "parent_run_id")}
+    text = f"args={args!r} kwargs={shown!r}"
+    return text if len(text) <= 2000 else text[:2000] + "…"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
 class _FailureLog:
     """First failure per (hook, error type) in full, then periodic summaries."""
 
@@ -171,13 +181,15 @@ class _FailureLog:
         self.unreported: dict[tuple[str, str], int] = {}
         self.window_start: dict[tuple[str, str], float] = {}
 
-    def failure(self, hook: str, exc: BaseException, run_id: object) -> None:
+    def failure(
+        self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
+    ) -> None:
         key = (hook, error_type(exc))
         now = self.clock()
         if key not in self.seen:
             self.seen.add(key)
             self.window_start[key] = now
-            self._first(hook, exc, run_id)
+            self._first(hook, exc, run_id, payload)
             return
         self.unreported[key] = self.unreported.get(key, 0) + 1
         if now - self.window_start[key] >= self.interval:
@@ -200,10 +212,12 @@ class _FailureLog:
                 error_type=key[1],
                 count=count,
                 seconds=round(now - started, 3),
-                message=f"failed {count:,} times in the last {now - started:.0f} s",
+                message=f"failed {count:,} times in the last {_seconds(now - started)}",
             )
 
-    def _first(self, hook: str, exc: BaseException, run_id: object) -> None:
+    def _first(
+        self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
+    ) -> None:
         fields: dict[str, Any] = {
             "handler": self.handler,
             "hook": hook,
@@ -212,6 +226,7 @@ class _FailureLog:
         }
         if self.payloads:
             fields["error"] = str(exc)
+            fields["payload"] = payload()
             fields["exc_info"] = exc
         else:
             # The message and locals may quote prompt or token text: keep only the stack.
@@ -228,23 +243,20 @@ class Batch:
     directly; ``add`` is the convenient form.
     """
 
-    __slots__ = ("counts", "durations", "hooks", "lags", "paired")
+    __slots__ = ("counts", "durations", "hooks", "lags")
 
     def __init__(self) -> None:
         self.durations: list[float] = []
         self.lags: list[float] = []
         self.hooks: list[str] = []
         self.counts: dict[tuple[str, str | None], int] = {}
-        self.paired: list[tuple[str, object]] = []
 
-    def add(self, hook: str, run_id: object, kind: str | None, duration: float, lag: float) -> None:
+    def add(self, hook: str, kind: str | None, duration: float, lag: float) -> None:
         self.durations.append(duration)
         self.lags.append(lag)
         self.hooks.append(hook)
         key = (hook, kind)
         self.counts[key] = self.counts.get(key, 0) + 1
-        if kind is None and hook in PAIRED_HOOKS:
-            self.paired.append((hook, run_id))
 
     def __len__(self) -> int:
         return len(self.durations)
@@ -290,7 +302,8 @@ class Observer:
         with self._lock:
             self._bump(hook, 2, count)
         instruments().events.add(count, self._attributes(hook, DROPPED, ""))
-        self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
+        if reason != "exit":  # drops at exit are reported once for the whole process
+            self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
 
     def announce_once(self, key: str, event: str, **fields: Any) -> None:
         """Log ``event`` the first time ``key`` happens for this handler."""
@@ -318,11 +331,22 @@ class Observer:
             instruments().events.add(1, self._attributes(hook, SKIPPED, ""))
         return allowed
 
-    def failure(self, hook: str, exc: BaseException, run_id: object) -> str:
+    def failure(
+        self,
+        hook: str,
+        exc: BaseException,
+        run_id: object,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
         """Note a failure at once (breaker, first-failure log); returns its error type."""
+
+        def payload() -> str:  # only rendered when the user opted in to payload logging
+            return _render_payload(args, kwargs or {})
+
         with self._lock:
             entered = self.breaker.failed()
-            self._log.failure(hook, exc, run_id)
+            self._log.failure(hook, exc, run_id, payload)
         if entered:
             self.breaker_changed(entered)
         return error_type(exc)
@@ -338,15 +362,20 @@ class Observer:
         if entered:
             self.breaker_changed(entered)
 
-    def commit(self, batch: Batch) -> None:
-        """Record a batch of delivery attempts."""
-        if not batch.durations:
-            return
+    def commit(self, batch: Batch, holder: Any = None) -> Batch:
+        """Record a batch of delivery attempts; returns a fresh batch.
+
+        With ``holder`` (a lane), the fresh batch replaces ``holder.batch`` under
+        the same lock, so ``snapshot`` never counts a batch twice or not at all.
+        """
+        fresh = Batch()
         with self._lock:
+            if holder is not None:
+                holder.batch = fresh
+            if not batch.durations:
+                return fresh
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
-            for hook, run_id in batch.paired:
-                self._track_run(hook, run_id)
             for (hook, kind), count in batch.counts.items():
                 if kind is None:
                     self._bump(hook, 0, count)
@@ -365,6 +394,7 @@ class Observer:
         threshold = self.options.stall_threshold
         if max(batch.durations) >= threshold or max(batch.lags) >= threshold:
             self._report_stall(batch)
+        return fresh
 
     def _report_stall(self, batch: Batch) -> None:
         now = self.clock()
@@ -386,7 +416,8 @@ class Observer:
         with self._lock:
             self._log.summarise_all()
 
-    def _track_run(self, hook: str, run_id: object) -> None:
+    def track_run(self, hook: str, run_id: object) -> None:
+        """Remember runs whose start was delivered, so an open breaker still lets their end by."""
         if run_id is None:
             return
         if hook.endswith("_start"):
@@ -428,9 +459,15 @@ class Observer:
         high_water: int,
         stuck: bool,
         closed: bool,
+        live: Callable[[], Iterable[Batch]] = tuple,
     ) -> Stats:
+        """A consistent snapshot; ``live`` yields the batches consumers are still filling."""
         with self._lock:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
+            for batch in live():
+                for (hook, kind), count in list(batch.counts.items()):
+                    row = rows.setdefault(hook, [0, 0, 0, 0])
+                    row[0 if kind is None else 1] += count
             errors = dict(self._errors)
             duration = self._duration.summary()
             lag = self._lag.summary()
@@ -468,6 +505,10 @@ class Observer:
             breaker=breaker,
             closed=closed,
         )
+
+    def set_clock(self, clock: Clock) -> None:
+        """Use ``clock`` for the breaker, log windows and stall reports (tests)."""
+        self.clock = self.breaker.clock = self._log.clock = clock
 
     def reset_after_fork(self) -> None:
         self.__init__(self.name, self.options, self.clock)  # type: ignore[misc]

@@ -180,7 +180,9 @@ def assert_accounted(stats: Stats) -> None:
     assert stats.emitted == outcomes, f"emitted {stats.emitted} != outcomes {outcomes}: {stats!r}"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005
+) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; returns its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ any exception), so a test can check that attaching a handler changed nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
@@ -93,10 +94,8 @@ def _side_trip(
         lambda: RunnableLambda(_fail).invoke("x", config),
     ]
     for broken in broken_calls:
-        try:
+        with contextlib.suppress(LookupError, ConnectionError, KeyError):
             broken()
-        except (LookupError, ConnectionError, KeyError):
-            pass
     return question
 
 
@@ -118,10 +117,8 @@ async def _aside_trip(
         lambda: RunnableLambda(_fail).ainvoke("x", config),
     ]
     for broken in broken_calls:
-        try:
+        with contextlib.suppress(LookupError, ConnectionError, KeyError):
             await broken()
-        except (LookupError, ConnectionError, KeyError):
-            pass
     return question
 
 

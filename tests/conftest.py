@@ -19,4 +19,3 @@ settings.register_profile(
     max_examples=25,
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-

@@ -156,8 +156,7 @@ async def test_async_call_styles_and_astream_events_are_unchanged() -> None:
         e["event"] async for e in fake_chat_model(TOKENS).astream_events("hi", version="v2")
     ]
     events = [
-        e["event"]
-        async for e in model.astream_events("hi", {"callbacks": [safe]}, version="v2")
+        e["event"] async for e in model.astream_events("hi", {"callbacks": [safe]}, version="v2")
     ]
     assert events == bare_events
     assert await safe.aflush(5.0)
@@ -244,7 +243,9 @@ def test_stop_stream_in_inline_mode_reaches_the_caller_at_once() -> None:
 
     received: list[str] = []
     with pytest.raises(StopStream, match="moderation hit"):
-        for chunk in fake_chat_model(TOKENS).stream("hi", {"callbacks": [Moderator(mode="inline")]}):
+        for chunk in fake_chat_model(TOKENS).stream(
+            "hi", {"callbacks": [Moderator(mode="inline")]}
+        ):
             received.append(str(chunk.content))
     assert received == ["w0", " ", "w1", " ", "w2", " "]
 
@@ -301,7 +302,8 @@ def test_harden_config_on_lists_and_managers() -> None:
     assert harden_config({}) == {} and harden_config(None) == {}
 
 
-def test_harden_config_leaves_langchains_streaming_plumbing_alone() -> None:
+async def test_harden_config_leaves_langchains_streaming_plumbing_alone() -> None:
+    # Constructed inside a running loop: older langchain-core needs one for it.
     from langchain_core.tracers.log_stream import LogStreamCallbackHandler
 
     plumbing = LogStreamCallbackHandler()

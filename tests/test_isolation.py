@@ -1,6 +1,6 @@
 """Guarantee 1, "nothing escapes": the fault matrix on real LangChain runs.
 
-Every fault kind × hook × sync/async path × entry point × mode: the run's
+Every fault kind x hook x sync/async path x entry point x mode: the run's
 output is exactly what it is with no handler at all, and every failure is
 counted rather than lost.
 """
@@ -98,7 +98,7 @@ def _namespace(fault: str, hooks: tuple[str, ...], base_is_safe: bool) -> dict[s
             namespace[flag] = property(broken_flag)
     if not base_is_safe:
 
-        def __init__(self: Any) -> None:  # noqa: N807 - a class body's __init__
+        def __init__(self: Any) -> None:
             self.seen = []
 
         namespace["__init__"] = __init__
@@ -268,7 +268,11 @@ def test_wrapper_never_sets_raise_error_or_drops_run_inline() -> None:
         raise_error = True
         run_inline = False
 
-    for hardened in (harden(Loud()), harden(Loud)(), type("L", (SafeHandler,), dict(Loud.__dict__))()):
+    for hardened in (
+        harden(Loud()),
+        harden(Loud)(),
+        type("L", (SafeHandler,), dict(Loud.__dict__))(),
+    ):
         assert hardened.raise_error is False
         assert hardened.run_inline is True
         hardened.raise_error = True
