@@ -454,13 +454,22 @@ class Dispatcher:
 
     # --- the token path ---------------------------------------------------
 
-    def record(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Take one event on the emitter's side (recorders inline the common case)."""
+    def _accept(self, hook: str, kwargs: Mapping[str, Any]) -> bool:
+        """Count the event as emitted; False once closed (then it is counted dropped).
+
+        Raises a pending ``StopStream`` for this event's run first.
+        """
         if self.stop_marks:
             self.check_stop(hook, kwargs)
         next(self.observer.emitted)
         if self.closed:
             self.observer.dropped(hook, reason="closed")
+            return False
+        return True
+
+    def record(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Take one event on the emitter's side (recorders inline the common case)."""
+        if not self._accept(hook, kwargs):
             return
         loop = _get_running_loop()
         if self.options.mode == "inline":
@@ -477,11 +486,7 @@ class Dispatcher:
         self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """Inline mode on the async path: LangChain awaits this, so the handler is awaited here."""
-        if self.stop_marks:
-            self.check_stop(hook, kwargs)
-        next(self.observer.emitted)
-        if self.closed:
-            self.observer.dropped(hook, reason="closed")
+        if not self._accept(hook, kwargs):
             return
         run_id = kwargs.get("run_id")
         if not self.observer.admit(hook, run_id):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import time
 import traceback
@@ -159,6 +160,16 @@ class BreakerState:
         return None
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _handler_stack(exc: BaseException) -> str:
+    """The failure's stack without our own delivery frames: where the handler went wrong."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)]
+    return "".join(traceback.format_list(own or frames))
+
+
 def _render_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     shown = {k: v for k, v in kwargs.items() if k not in ("run_id", "parent_run_id")}
     text = f"args={args!r} kwargs={shown!r}"
@@ -230,7 +241,7 @@ class _FailureLog:
             fields["exc_info"] = exc
         else:
             # The message and locals may quote prompt or token text: keep only the stack.
-            fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
+            fields["traceback"] = _handler_stack(exc)
         logger.error("handler_failed", **fields)
 
 
