@@ -16,7 +16,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +27,8 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
+
+Token = str | list[str | dict[str, Any]]  # what LangChain passes to on_llm_new_token
 
 _DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
@@ -78,7 +80,7 @@ def burn_cpu(loops: int) -> int:
 class NoOp(BaseCallbackHandler):
     """Plain sync handler: LangChain runs it in an executor thread in async streams."""
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         return None
 
 
@@ -94,14 +96,14 @@ class Sleeper(BaseCallbackHandler):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         time.sleep(self.seconds)
 
 
 class Failing(BaseCallbackHandler):
     """Raises on every token; ``raise_error`` left at LangChain's default (False)."""
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         raise RuntimeError("handler bug")
 
 
@@ -113,14 +115,14 @@ class HangOnce(BaseCallbackHandler):
         self.seconds = seconds
         self.seen = 0
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         self.seen += 1
         if self.seen == self.at:
             time.sleep(self.seconds)
 
 
 class AsyncNoOp(AsyncCallbackHandler):
-    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    async def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         return None
 
 
@@ -128,7 +130,7 @@ class AsyncSleeper(AsyncCallbackHandler):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    async def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         await asyncio.sleep(self.seconds)
 
 
@@ -138,7 +140,7 @@ class CpuHeavy(BaseCallbackHandler):
     def __init__(self, loops: int) -> None:
         self.loops = loops
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         burn_cpu(self.loops)
 
 
@@ -148,8 +150,19 @@ class Stuck(BaseCallbackHandler):
     def __init__(self, release: threading.Event) -> None:
         self.release = release
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
         self.release.wait()
+
+
+class Gated(BaseCallbackHandler):
+    """A no-op that waits while its gate is closed: lets a benchmark hold delivery back."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
+        self.gate.wait()
 
 
 def cpu_loops_for(seconds: float) -> int:
@@ -167,10 +180,6 @@ def cpu_loops_for(seconds: float) -> int:
 # --------------------------------------------------------------------------- hardening
 
 
-def harden(lib: ModuleType, handler: BaseCallbackHandler, **options: Any) -> Any:
-    return lib.harden(handler, **options)
-
-
 @dataclass
 class Settled:
     """What a hardened handler reported after the run (None fields when bare)."""
@@ -179,6 +188,7 @@ class Settled:
     stats: Any = None
     flush_ms: float | None = None
     close_ms: float | None = None
+    after: str | None = None
 
     def summary(self) -> str:
         if self.stats is None:
@@ -195,6 +205,8 @@ class Settled:
                 parts.append(f"{label} {value}")
         if not self.flushed:
             parts.append("flush timed out")
+        if self.after:
+            parts.append(self.after)
         return ", ".join(parts)
 
 
@@ -263,6 +275,11 @@ def fmt_num(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def shown(value: float) -> float:
+    """The ratio as the tables print it (2 decimals): verdicts agree with what is shown."""
+    return round(value, 2)
+
+
 def ratio(value: float, base: float) -> float:
     if math.isnan(value) or math.isnan(base) or base <= 0:
         return math.nan
@@ -317,9 +334,3 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         help="print handler/LangChain log lines to stderr instead of discarding",
     )
     return parser
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0

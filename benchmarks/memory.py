@@ -44,9 +44,9 @@ class KeepAll(BaseCallbackHandler):
     run_inline = True
 
     def __init__(self) -> None:
-        self.kept: list[tuple[str, Any]] = []
+        self.kept: list[tuple[c.Token, Any]] = []
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: c.Token, **kwargs: Any) -> None:
         self.kept.append((token, kwargs))
 
 
@@ -126,6 +126,8 @@ def child(kind: str, max_queue: int | None, on_full: str, events: int) -> int:
         t1 = time.perf_counter()
         hardened.close(timeout=0.5)
         out["close_s"] = time.perf_counter() - t1
+        s = hardened.stats()
+        out["after_close"] = {k: getattr(s, k) for k in ("dropped", "pending")}
     out["exit_start"] = time.time()
     print(json.dumps(out), flush=True)
     return 0  # the stuck handler is never released: interpreter exit must not hang
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 c.fmt_num(d["emit_ns"] / 1e3, 2),
                 stat_txt,
                 "-" if "close_s" not in d else f"{d['close_s']:.2f}",
+                "-"
+                if "after_close" not in d
+                else "dropped {dropped:,}, pending {pending:,}".format(**d["after_close"]),
                 f"{exit_s:.2f}",
             ]
         )
@@ -233,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                 "RSS still held MB",
                 "emit µs/event",
                 "stats after feeding",
-                "close() s",
+                "close(0.5) s",
+                "after close()",
                 "exit s",
             ],
             rows,
-            right=(1, 3, 4, 5, 7, 8),
+            right=(1, 3, 4, 5, 7, 9),
         )
     )
     if goal_rows:

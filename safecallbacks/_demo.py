@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
             "asyncio.CancelledError, one stalling once. Each runs bare, then hardened "
             "with safecallbacks.harden(); the chunks the consumer received, whether the "
             "stream died, the longest gap between chunks and the hardened handler's "
-            "stats() are printed side by side. Takes about 10 s with the defaults."
+            "stats() are printed side by side. Takes under 10 s with the defaults."
         ),
     )
     demo.add_argument(

@@ -34,13 +34,14 @@ from typing import Any, TypeAlias
 
 from ._hooks import ERROR_HOOKS, HOOKS, is_async_callable
 from ._isolation import (
+    Contained,
     Resolver,
     StopStream,
     acall_hook,
-    await_any,
     call_hook,
-    own_task_is_cancelling,
+    contained,
     passes_through_caller,
+    unwrap,
 )
 from ._observe import PAIRED_HOOKS, Batch, Observer, register_depth_source
 from ._options import Options
@@ -232,6 +233,9 @@ class _Lane:
     def depth(self) -> int:
         return len(self.queue)
 
+    def reap_if_dead(self) -> None:
+        """Account for events nobody will deliver any more (only loop lanes can lose theirs)."""
+
     def stuck(self, now: float) -> bool:
         since = self.busy_since
         return since is not None and now - since > self.core.options.timeout
@@ -401,10 +405,14 @@ class _LoopLane(_Lane):
                     entry.release()
                     continue
                 batch = Batch()
-                await asyncio.wait_for(
-                    self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
-                )
-                self.core.observer.commit(batch)
+                try:
+                    await asyncio.wait_for(
+                        self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
+                    )
+                finally:
+                    if not batch.durations:  # cut off before it finished: it never will
+                        self.core.observer.dropped(entry[0], reason="loop_closed")
+                    self.core.observer.commit(batch)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             pass
         finally:
@@ -412,8 +420,12 @@ class _LoopLane(_Lane):
             self.scheduled = False
 
     def reap_if_dead(self) -> None:
+        """A closed loop will never drain this lane: count what is left as dropped."""
         loop = self.loop
-        if loop is not None and loop.is_closed() and self.queue:
+        if loop is not None and loop.is_closed():
+            if self.inflight is not None:  # its consumer task died with the loop
+                self.core.observer.dropped(self.inflight, reason="loop_closed")
+                self.busy_since = self.inflight = None
             self.discard_all("loop_closed")
 
 
@@ -442,6 +454,7 @@ class Dispatcher:
         self._thread_lane = _ThreadLane(self)
         self._loop_lanes: dict[asyncio.AbstractEventLoop | None, _LoopLane] = {}
         self._loop_lanes_lock = threading.Lock()
+        self._pruned_high_water = 0
         self.fast_lane: _Lane | None = None
         self._refresh_fast_lane()
         _registry.add(self)
@@ -492,18 +505,14 @@ class Dispatcher:
         if not self.observer.admit(hook, run_id):
             return
         started = _now()
-        error: BaseException | None = None
-        try:
-            await asyncio.wait_for(
-                acall_hook(self.resolve, self.target, hook, args, kwargs), self.options.timeout
-            )
-        except asyncio.TimeoutError:
-            error = TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
-        except BaseException as exc:
-            if passes_through_caller(exc):
-                self._commit_one(hook, run_id, None, started, started, args, kwargs)
-                raise
-            error = exc
+        error = await run_bounded(
+            acall_hook(self.resolve, self.target, hook, args, kwargs),
+            contextvars.copy_context(),
+            self.options.timeout,
+        )
+        if error is not None and passes_through_caller(error):
+            self._commit_one(hook, run_id, None, started, started, args, kwargs)
+            raise error
         self._commit_one(hook, run_id, error, started, started, args, kwargs)
 
     def inline_async_hook(self, hook: str) -> InlineAsyncHook:
@@ -576,7 +585,13 @@ class Dispatcher:
             return lane
 
     def lanes(self) -> list[_Lane]:
+        """Every lane, after accounting for and forgetting those of closed loops."""
         with self._loop_lanes_lock:
+            for loop, lane in list(self._loop_lanes.items()):
+                if lane.loop is not None and lane.loop.is_closed():
+                    lane.reap_if_dead()
+                    del self._loop_lanes[loop]  # so closed loops are not kept alive
+                    self._pruned_high_water = max(self._pruned_high_water, lane.high_water)
             unique = {id(lane): lane for lane in self._loop_lanes.values()}
         return [self._thread_lane, *unique.values()]
 
@@ -598,13 +613,14 @@ class Dispatcher:
         """Run an async hook from a thread: the emitting loop if alive, else the background one."""
         if loop is None or loop.is_closed() or not loop.is_running():
             loop = background_loop()
-        coro = awaitable if asyncio.iscoroutine(awaitable) else await_any(awaitable)
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(contained(awaitable), loop)
         try:
             future.result(self.options.timeout)
         except FutureTimeout:
             future.cancel()
             raise TimeoutError(f"async hook exceeded timeout={self.options.timeout}s") from None
+        except Contained as carrier:
+            raise carrier.original from None
 
     async def deliver_async(self, lane: _Lane, item: Item, batch: Batch) -> None:
         """Deliver one event to an async handler on this loop, as a task in its context."""
@@ -614,43 +630,26 @@ class Dispatcher:
             self.remember_parent(run_id, kwargs)
         if not self.observer.admit(hook, run_id):
             return
-        loop = asyncio.get_running_loop()
         started = _now()
         lane.busy_since, lane.inflight = started, hook
-        task = _task_in_context(
-            loop, acall_hook(self.resolve, self.target, hook, args, kwargs), context
-        )
-        timed_out = False
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
-        timer = loop.call_later(self.options.timeout, expire)
-        error: BaseException | None = None
         try:
-            await task
-        except StopStream as stop:
-            self.mark_stop(run_id, stop)
-        except asyncio.CancelledError as exc:
-            if own_task_is_cancelling():
-                # The consumer itself is being cancelled (the loop is shutting
-                # down): the event in flight is accounted as failed, then we go.
-                timer.cancel()
-                lane.busy_since, lane.inflight = None, None
-                self._add_result(batch, hook, run_id, exc, started, emitted_at, args, kwargs)
-                raise
-            error = (
-                TimeoutError(f"async hook exceeded timeout={self.options.timeout}s")
-                if timed_out
-                else exc
+            error = await run_bounded(
+                acall_hook(self.resolve, self.target, hook, args, kwargs),
+                context,
+                self.options.timeout,
             )
-        except BaseException as exc:
-            error = exc
-        finally:
-            timer.cancel()
+        except asyncio.CancelledError as exc:
+            # The consumer itself is being cancelled (the loop is shutting down):
+            # the event in flight is accounted as failed, then we go.
             lane.busy_since, lane.inflight = None, None
+            self._add_result(batch, hook, run_id, exc, started, emitted_at, args, kwargs)
+            raise
+        # GeneratorExit here is never the handler's: the loop was closed with this
+        # consumer pending and it is being thrown away; reap_if_dead() accounts for it.
+        lane.busy_since, lane.inflight = None, None
+        if isinstance(error, StopStream):
+            self.mark_stop(run_id, error)
+            error = None
         self._add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
 
     def _add_result(
@@ -699,10 +698,6 @@ class Dispatcher:
     def place_barriers(self) -> list[tuple[_Lane, Barrier]]:
         placed = []
         for lane in self.lanes():
-            if isinstance(lane, _LoopLane):
-                lane.reap_if_dead()
-                if lane.loop is not None and lane.loop.is_closed():
-                    continue
             barrier = Barrier()
             lane.put_barrier(barrier)
             placed.append((lane, barrier))
@@ -717,21 +712,26 @@ class Dispatcher:
                 # Waiting would block the very loop that must drain it: use aflush().
                 ok = ok and barrier.done()
                 continue
-            ok = barrier.wait(deadline - _now()) and ok
+            ok = _wait_settled(lane, barrier, deadline) and ok
         self.observer.summarise()
         return ok
 
     async def aflush(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
-        futures = [barrier.future(loop) for _, barrier in self.place_barriers()]
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=timeout)
+        deadline = _now() + timeout
+        placed = self.place_barriers()
+        futures = {barrier.future(loop): lane for lane, barrier in placed}
+        pending = set(futures)
+        while pending and _now() < deadline:
+            _, pending = await asyncio.wait(
+                pending, timeout=min(_SETTLE_SLICE, max(deadline - _now(), 0.0))
+            )
             for fut in pending:
-                fut.cancel()
-            if pending:
-                return False
+                futures[fut].reap_if_dead()  # releases the barrier if its loop is gone
+        for fut in pending:
+            fut.cancel()
         self.observer.summarise()
-        return True
+        return not pending
 
     def close(self, timeout: float) -> bool:
         ok = self.flush(timeout) if not self.closed else True
@@ -748,23 +748,23 @@ class Dispatcher:
         self.closed = True
         self._refresh_fast_lane()
         for lane in self.lanes():
-            if lane.busy_since is None:
-                lane.discard_all(reason)
+            lane.discard_all(reason)  # a delivery in flight still finishes and is counted
+        if _POOL is not None:
+            _POOL.forget(self._thread_lane)
         _registry.discard(self)
 
     def stats(self) -> Stats:
         now = _now()
         queued: Counter[str] = Counter()
-        depth = high = 0
+        depth = 0
         stuck = False
-        for lane in self.lanes():
-            if isinstance(lane, _LoopLane):
-                lane.reap_if_dead()
+        lanes = self.lanes()
+        high = self._pruned_high_water
+        for lane in lanes:
             queued.update(lane.queued_by_hook())
             depth += lane.depth()
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
-        lanes = self.lanes()
         return self.observer.snapshot(
             self.options.mode,
             queued,
@@ -821,6 +821,62 @@ class InlineAsyncHook:
         return self.core.arecord_inline(self.hook, args, kwargs)
 
 
+async def run_bounded(
+    coro: Any, context: contextvars.Context, timeout: float
+) -> BaseException | None:
+    """Run a handler coroutine as a task in ``context``; return what it raised, if anything.
+
+    The task is never awaited directly: a task that ends with ``GeneratorExit``
+    is thrown into its awaiter with *close* semantics, which would silently
+    close our own coroutines. Past ``timeout`` it is cancelled and reported as
+    a ``TimeoutError``; if the handler ignores the cancellation we still move on.
+    """
+    loop = asyncio.get_running_loop()
+    task = _task_in_context(loop, contained(coro), context)
+    finished: asyncio.Future[None] = loop.create_future()
+    timed_out = False
+
+    def wake(_: object) -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        task.cancel()
+        wake(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(timeout, expire)
+    try:
+        await finished
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        timer.cancel()
+    if timed_out:
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    if task.cancelled():
+        return asyncio.CancelledError()
+    error = task.exception()
+    return None if error is None else unwrap(error)
+
+
+_SETTLE_SLICE = 0.05  # how often a waiting flush checks whether a lane's loop has closed
+
+
+def _wait_settled(lane: _Lane, barrier: Barrier, deadline: float) -> bool:
+    """Wait for ``barrier``; a lane whose loop closes meanwhile is settled by reaping it."""
+    while not barrier.wait(min(_SETTLE_SLICE, deadline - _now())):
+        lane.reap_if_dead()
+        if barrier.done():
+            return True
+        if _now() >= deadline:
+            return False
+    return True
+
+
 def _task_in_context(
     loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context
 ) -> asyncio.Task[Any]:
@@ -855,6 +911,7 @@ class _Pool:
         self.busy: set[_ThreadLane] = set()
         self.threads: set[threading.Thread] = set()
         self.idle = 0
+        self.starting = 0  # threads started that have not looked for work yet
         self.poller = False
         self.idle_exit = _idle_exit_seconds()
         self._serial = 0
@@ -867,10 +924,19 @@ class _Pool:
             self.ready.append(lane)
             self._wake_or_spawn()
 
+    def forget(self, lane: _ThreadLane) -> None:
+        """Stop watching a closed handler's lane, so it needs no polling."""
+        with self.lock:
+            if self.lingering.pop(lane, None) is not None:
+                lane.scheduled = False
+
     def _wake_or_spawn(self) -> None:
         if self.idle:
             self.cond.notify()
+        elif self.starting >= len(self.ready) and (self.starting or not self.lingering):
+            return  # threads already on their way will take the ready lanes
         elif len(self.threads) < MAX_WORKERS:
+            self.starting += 1
             self._serial += 1
             thread = threading.Thread(
                 target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
@@ -879,6 +945,8 @@ class _Pool:
             thread.start()
 
     def _work(self) -> None:
+        with self.lock:
+            self.starting -= 1
         while True:
             lane = self._next_lane()
             if lane is None:
@@ -915,9 +983,9 @@ class _Pool:
                     return None
             lane = self.ready.popleft()
             self.busy.add(lane)
-            if self.ready:
-                # More lanes wait: this worker may be about to hang in a handler,
-                # so make sure someone else will take them.
+            if self.ready or (self.lingering and not self.poller):
+                # Other lanes wait, or need polling: this worker may be about to hang
+                # in a handler, so make sure another one will look after them.
                 self._wake_or_spawn()
             return lane
 

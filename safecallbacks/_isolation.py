@@ -134,6 +134,26 @@ async def acall_hook(
     return (await result) if inspect.isawaitable(result) else result
 
 
-async def await_any(awaitable: Any) -> Any:
-    """Await a non-coroutine awaitable, so it can be handed to a loop as a coroutine."""
-    return await awaitable
+class Contained(Exception):
+    """Carries ``KeyboardInterrupt`` or ``SystemExit`` out of a task.
+
+    asyncio re-raises those two from a task straight through the event loop,
+    which would end the user's ``asyncio.run`` (or our background loop)
+    because a handler misbehaved. Wrapped, they come back as a task result.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+async def contained(awaitable: Any) -> Any:
+    """Await ``awaitable`` (any awaitable) so that nothing it raises can stop a loop."""
+    try:
+        return await awaitable
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise Contained(exc) from None
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    return exc.original if isinstance(exc, Contained) else exc

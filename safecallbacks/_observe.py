@@ -298,6 +298,7 @@ class Observer:
         self._lag = Estimator()
         self._open_runs: dict[object, None] = {}
         self._announced: set[str] = set()
+        self._unreported_drops: dict[str, int] = {}
         self._last_stall = -math.inf
         breaker = options.breaker
         self.breaker = BreakerState(
@@ -312,7 +313,8 @@ class Observer:
         """Count events that will never be delivered (full queue, closed, lost loop)."""
         with self._lock:
             self._bump(hook, 2, count)
-        instruments().events.add(count, self._attributes(hook, DROPPED, ""))
+            # Reported to OpenTelemetry by the next commit, off the emitting thread.
+            self._unreported_drops[hook] = self._unreported_drops.get(hook, 0) + count
         if reason != "exit":  # drops at exit are reported once for the whole process
             self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
 
@@ -383,8 +385,7 @@ class Observer:
         with self._lock:
             if holder is not None:
                 holder.batch = fresh
-            if not batch.durations:
-                return fresh
+            drops, self._unreported_drops = self._unreported_drops, {}
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
             for (hook, kind), count in batch.counts.items():
@@ -393,6 +394,9 @@ class Observer:
                 else:
                     self._bump(hook, 1, count)
                     self._errors[kind] = self._errors.get(kind, 0) + count
+        self._report_drops(drops)
+        if not batch.durations:
+            return fresh
         found = instruments()
         for (hook, kind), count in batch.counts.items():
             outcome = DELIVERED if kind is None else FAILED
@@ -426,6 +430,14 @@ class Observer:
     def summarise(self) -> None:
         with self._lock:
             self._log.summarise_all()
+            drops, self._unreported_drops = self._unreported_drops, {}
+        self._report_drops(drops)
+
+    def _report_drops(self, drops: Mapping[str, int]) -> None:
+        if drops:
+            counter = instruments().events
+            for hook, count in drops.items():
+                counter.add(count, self._attributes(hook, DROPPED, ""))
 
     def track_run(self, hook: str, run_id: object) -> None:
         """Remember runs whose start was delivered, so an open breaker still lets their end by."""

@@ -1,0 +1,144 @@
+"""Smoke tests: the paced fake model, the demo, and every benchmark script at --quick size.
+
+They check that things run and print what they promise; they never assert speed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+
+from safecallbacks import _demo
+from safecallbacks._paced import PacedFakeChatModel, make_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+RATIO = re.compile(r"\|\s+\d+\.\d\dx\s+\|")
+
+
+def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+class Tokens(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+# --------------------------------------------------------------------------- paced model
+
+
+def test_paced_model_streams_and_fires_callbacks() -> None:
+    model = PacedFakeChatModel(tokens=make_tokens(5), interval=0.001)
+    seen = Tokens()
+    chunks = [c.content for c in model.stream("hi", config={"callbacks": [seen]})]
+    assert chunks == make_tokens(5)
+    assert seen.tokens == chunks
+    seen = Tokens()
+    assert model.invoke("hi", config={"callbacks": [seen]}).content == "".join(chunks)
+    assert seen.tokens == chunks
+
+
+async def test_paced_model_astream_and_ainvoke() -> None:
+    model = PacedFakeChatModel(tokens=make_tokens(5), interval=0.001)
+    seen = Tokens()
+    chunks = [c.content async for c in model.astream("hi", config={"callbacks": [seen]})]
+    assert chunks == make_tokens(5)
+    assert seen.tokens == chunks
+    assert (await model.ainvoke("hi")).content == "".join(chunks)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_bare_dies_hardened_survives() -> None:
+    out = io.StringIO()
+    cfg = _demo.DemoConfig(tokens=8, interval=0.005, stall=1.0)
+    results = {r.key: r for r in _demo.run_demo(cfg, out=out)}
+    assert set(results) == {"raises", "cancelled", "stalls"}
+
+    for key, error in (("raises", "ConnectionError"), ("cancelled", "CancelledError")):
+        r = results[key]
+        assert r.bare.died and r.bare.error is not None and error in r.bare.error
+        assert r.bare.chunks < r.bare.total
+        assert not r.hardened.died
+        assert r.hardened.chunks == r.hardened.total == 8
+        assert r.hardened.flushed
+        assert r.hardened.stats.failed >= 1
+        assert r.hardened.stats.pending == 0
+
+    stall = results["stalls"]
+    assert stall.bare.chunks == stall.hardened.chunks == 8
+    assert stall.bare.longest_gap >= 0.9  # the bare stream waited for the handler
+    assert stall.hardened.longest_gap < 0.5  # the hardened one did not
+    assert stall.hardened.stats.delivered == stall.hardened.stats.emitted
+
+    text = out.getvalue()
+    for heading in ("chunks received", "stream", "longest gap", "hardened stats()", "Summary"):
+        assert heading in text
+    assert "\r" not in text  # not a terminal: plain lines, no progress redraws
+
+
+def test_demo_cli() -> None:
+    proc = run(
+        ["-m", "safecallbacks", "demo", "--tokens", "8", "--interval", "0.005", "--stall", "0.3"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("bare", "hardened", "chunks received", "longest gap", "hardened stats()"):
+        assert heading in proc.stdout
+    assert "died: ConnectionError" in proc.stdout
+    assert "8 of 8" in proc.stdout
+
+    helped = run(["-m", "safecallbacks", "demo", "--help"])
+    assert helped.returncode == 0
+    assert "--tokens" in helped.stdout and "--interval" in helped.stdout
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+HEADINGS = {
+    "hot_path": ["ns/event (median)", "vs no handler", "vs bare run_inline no-op"],
+    "paced_stream": ["total vs none", "p99 vs none", "max gap ms", "CPU-bound stream"],
+    "load": ["tokens/s vs none", "p99 vs none"],
+    "memory": ["max_queue", "peak RSS growth MB", "dropped"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADINGS))
+def test_benchmark_quick(name: str, tmp_path: Path) -> None:
+    args = [str(BENCH / f"{name}.py"), "--quick"]
+    if name == "paced_stream":
+        args += ["--plot", str(tmp_path / "gaps.png")]
+    proc = run(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.lstrip().startswith("###")
+    assert re.search(r"^\| .+ \|$", out, re.M), "no Markdown table"
+    assert re.search(r"^\| -+", out, re.M), "no Markdown table separator"
+    for heading in HEADINGS[name]:
+        assert heading in out
+    if name != "memory":
+        assert RATIO.search(out), "no ratio column"
+    assert "hardened" in out
+    if name == "paced_stream":
+        assert (tmp_path / "gaps.png").stat().st_size > 10_000
+
+
+def test_run_all_quick(tmp_path: Path) -> None:
+    proc = run([str(BENCH / "run_all.py"), "--quick", "--only", "hot_path", "--plot", ""])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("# safecallbacks benchmarks")
+    assert "### Hot path" in proc.stdout
+    assert RATIO.search(proc.stdout)
