@@ -1124,7 +1124,7 @@ def drain_at_exit() -> None:
         # One line for the whole process, however many handlers were still busy.
         from ._observe import logger
 
-        logger.warning("events_dropped_at_exit", handlers=lost, total=sum(lost.values()))
+        logger().warning("events_dropped_at_exit", handlers=lost, total=sum(lost.values()))
 
 
 def _after_fork_in_child() -> None:

@@ -7,6 +7,7 @@ on the token path: the emitter only bumps one lock-free counter.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import threading
@@ -33,7 +34,27 @@ PAIRED_HOOKS = frozenset(
     hook for hook in HOOKS if hook.endswith(("_start", "_end")) or hook in ERROR_HOOKS
 )
 
-logger = structlog.get_logger("safecallbacks")
+_stdlib_logger = structlog.wrap_logger(
+    logging.getLogger("safecallbacks"),
+    processors=[
+        structlog.processors.format_exc_info,
+        structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
+    ],
+    wrapper_class=structlog.stdlib.BoundLogger,
+)
+
+
+def logger() -> Any:
+    """The structlog logger to use now.
+
+    An application that configured structlog gets our events through its own
+    pipeline. One that did not would otherwise see them printed to stdout, so
+    they go to the stdlib logger ``safecallbacks`` instead, where logging's
+    usual configuration (or its last-resort stderr handler) decides.
+    """
+    if structlog.is_configured():
+        return structlog.get_logger("safecallbacks")
+    return _stdlib_logger
 
 
 def _version() -> str:
@@ -216,7 +237,7 @@ class _FailureLog:
         started = self.window_start.get(key, now)
         self.window_start[key] = now
         if count:
-            logger.warning(
+            logger().warning(
                 "handler_failures_summary",
                 handler=self.handler,
                 hook=key[0],
@@ -242,7 +263,7 @@ class _FailureLog:
         else:
             # The message and locals may quote prompt or token text: keep only the stack.
             fields["traceback"] = _handler_stack(exc)
-        logger.error("handler_failed", **fields)
+        logger().error("handler_failed", **fields)
 
 
 class Batch:
@@ -323,7 +344,7 @@ class Observer:
         if key in self._announced:
             return
         self._announced.add(key)
-        logger.warning(event, handler=self.name, **fields)
+        logger().warning(event, handler=self.name, **fields)
 
     # --- delivery side ---------------------------------------------------
 
@@ -419,7 +440,7 @@ class Observer:
         worst = max(
             range(len(batch.durations)), key=lambda i: max(batch.durations[i], batch.lags[i])
         )
-        logger.warning(
+        logger().warning(
             "handler_stalled",
             handler=self.name,
             hook=batch.hooks[worst],
@@ -452,7 +473,7 @@ class Observer:
 
     def breaker_changed(self, state: str) -> None:
         instruments().breaker_changes.add(1, {"handler": self.name, "state": state})
-        logger.warning("breaker_state_changed", handler=self.name, state=state)
+        logger().warning("breaker_state_changed", handler=self.name, state=state)
 
     def _bump(self, hook: str, index: int, count: int) -> None:
         row = self._hooks.get(hook)
