@@ -161,7 +161,7 @@ class _Lane:
     def _make_room(self, item: Item) -> bool:
         """Apply ``on_full``; False when ``item`` itself was dropped."""
         core = self.core
-        self.high_water = max(self.high_water, len(self.queue))
+        self.note_depth()
         policy = core.options.on_full
         if policy == "drop_oldest":
             while len(self.queue) >= core.options.max_queue:
@@ -231,7 +231,15 @@ class _Lane:
         return found
 
     def depth(self) -> int:
-        return len(self.queue)
+        """Events waiting, roughly: a flush marker at the tail is not counted."""
+        queue = self.queue
+        try:
+            return len(queue) - (queue[-1].__class__ is Barrier)
+        except IndexError:
+            return 0
+
+    def note_depth(self) -> None:
+        self.high_water = max(self.high_water, self.depth())
 
     def reap_if_dead(self) -> None:
         """Account for events nobody will deliver any more (only loop lanes can lose theirs)."""
@@ -250,7 +258,7 @@ class _ThreadLane(_Lane):
     def drain(self, budget: int) -> None:
         """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event)."""
         queue = self.queue
-        self.high_water = max(self.high_water, len(queue))
+        self.note_depth()
         core = self.core
         observer = core.observer
         breaker = observer.breaker
@@ -380,7 +388,7 @@ class _LoopLane(_Lane):
         batch = self.batch
         try:
             while True:
-                self.high_water = max(self.high_water, len(queue))
+                self.note_depth()
                 try:
                     entry = queue.popleft()
                 except IndexError:
@@ -761,8 +769,9 @@ class Dispatcher:
         lanes = self.lanes()
         high = self._pruned_high_water
         for lane in lanes:
-            queued.update(lane.queued_by_hook())
-            depth += lane.depth()
+            waiting = lane.queued_by_hook()
+            queued.update(waiting)
+            depth += sum(waiting.values()) - (lane.inflight is not None)
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
         return self.observer.snapshot(
