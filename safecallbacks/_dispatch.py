@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import contextvars
 import os
 import sys
@@ -641,7 +642,7 @@ class Dispatcher:
         started = _now()
         lane.busy_since, lane.inflight = started, hook
         try:
-            error = await run_bounded(
+            error = await drive_bounded(
                 acall_hook(self.resolve, self.target, hook, args, kwargs),
                 context,
                 self.options.timeout,
@@ -870,6 +871,96 @@ async def run_bounded(
         return asyncio.CancelledError()
     error = task.exception()
     return None if error is None else unwrap(error)
+
+
+class _Timeout(Exception):
+    """Raised by ``_Drive`` once the handler's time is up and it has been closed."""
+
+
+class _Drive:
+    """Runs the rest of a handler coroutine inside the awaiting task, each step in its context.
+
+    A task per event costs more than most async handlers do; stepping the
+    coroutine here needs no task, no future and no extra loop iteration. The
+    awaiting consumer task passes on whatever the handler waits for, exactly
+    as it would for its own awaits.
+    """
+
+    __slots__ = ("context", "coro", "first", "timed_out")
+
+    def __init__(self, coro: Any, first: Any, context: contextvars.Context) -> None:
+        self.coro, self.first, self.context = coro, first, context
+        self.timed_out = False
+
+    def __await__(self) -> Any:
+        coro, run = self.coro, self.context.run
+        value = self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as thrown:
+                if self.timed_out:
+                    self._cancel_for_timeout(thrown)
+                try:
+                    value = run(coro.throw, thrown)
+                except StopIteration:
+                    return
+                continue
+            try:
+                value = run(coro.send, sent)
+            except StopIteration:
+                return
+
+    def _cancel_for_timeout(self, cancellation: BaseException) -> None:
+        """Cancel the handler as asyncio would; if it carries on regardless, close it."""
+        try:
+            self.context.run(self.coro.throw, cancellation)
+        except BaseException:  # finished, cancelled or failed: either way it is over
+            raise _Timeout from None
+        with contextlib.suppress(RuntimeError):  # it ignored GeneratorExit too: move on
+            self.coro.close()
+        raise _Timeout
+
+
+async def drive_bounded(
+    coro: Any, context: contextvars.Context, timeout: float
+) -> BaseException | None:
+    """Run a handler coroutine within the current task; return what it raised, if anything.
+
+    Its first step runs at once (most handlers finish without suspending);
+    the rest is stepped by ``_Drive``. Past ``timeout`` the handler is closed
+    and a ``TimeoutError`` returned. Cancelling the current task still
+    cancels it: that cancellation is passed into the handler, then re-raised.
+    """
+    try:
+        first = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    except BaseException as exc:
+        return exc
+    drive = _Drive(coro, first, context)
+    task = asyncio.current_task()
+    assert task is not None
+
+    def expire() -> None:
+        drive.timed_out = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        await drive
+    except _Timeout:
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return exc
+    finally:
+        timer.cancel()
+    return None
 
 
 _SETTLE_SLICE = 0.05  # how often a waiting flush checks whether a lane's loop has closed

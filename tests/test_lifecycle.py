@@ -357,7 +357,9 @@ def test_asyncio_run_ending_with_events_pending_accounts_for_them(delay: float |
     stats = safe.stats()
     assert stats.emitted == 39
     assert stats.pending == 0, stats
-    assert stats.delivered == len(handler.tokens)
+    # A delivery cut off by the shutdown may have finished in the handler a moment before
+    # its consumer was cancelled: then it is counted failed, never lost and never twice.
+    assert stats.delivered <= len(handler.tokens) <= stats.delivered + stats.failed, stats
     assert stats.delivered + stats.failed + stats.dropped == stats.emitted, stats
     assert_accounted(stats)
     assert safe.flush(1)
