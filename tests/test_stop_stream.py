@@ -378,3 +378,63 @@ def test_async_hook_raising_keyboard_interrupt_or_system_exit_is_contained(
     assert out["chunks"] == 30 and out["flushed"] is True, out
     assert out["failed"] == 1, out
     assert out["innocent_flushed"] is True and out["innocent_calls"] == 32, out
+
+
+class LateCancel(AsyncCallbackHandler):
+    """Awaits, then raises ``CancelledError`` of its own (say, from an inner timeout it
+    mishandled) in ``on_chat_model_start``; records every token it is given."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[str]] = {}
+
+    async def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError()
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        (tag,) = kwargs["tags"]
+        self.tokens.setdefault(tag, []).append(token)
+
+
+def unpaced(count: int) -> PacedFakeChatModel:
+    """No pause: events pile up in the lane while the handler is still busy."""
+    return PacedFakeChatModel(tokens=TOKENS[:count], interval=0)
+
+
+def check_late_cancel(handler: LateCancel, safe: Any, tags: list[str], count: int) -> None:
+    stats = safe.stats()
+    assert stats.dropped == 0, stats  # the delivering loop was never going away
+    assert stats.errors == {"CancelledError": len(tags)}, stats
+    assert handler.tokens == dict.fromkeys(tags, TOKENS[:count]), handler.tokens
+    assert_accounted(stats)
+
+
+def test_stream_async_handler_cancelling_itself_after_a_suspension_loses_nothing() -> None:
+    handler = LateCancel()
+    safe = harden(handler, breaker=None)
+    tags = ["first", "second"]
+    outcomes: dict[str, Any] = {}
+
+    def run(tag: str) -> None:
+        outcomes[tag] = consume(unpaced(AT), {"callbacks": [safe], "tags": [tag]})
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in tags]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert all(outcomes[tag] == (TOKENS[:AT], None) for tag in tags), outcomes
+    assert safe.flush(5)
+    check_late_cancel(handler, safe, tags, AT)
+
+
+async def test_astream_async_handler_cancelling_itself_after_a_suspension_loses_nothing() -> None:
+    handler = LateCancel()
+    safe = harden(handler, breaker=None)
+    tags = ["first", "second"]
+    results = await asyncio.gather(
+        *(aconsume(unpaced(AT), {"callbacks": [safe], "tags": [tag]}) for tag in tags)
+    )
+    assert all(result == (TOKENS[:AT], None) for result in results), results
+    assert await safe.aflush(5)
+    check_late_cancel(handler, safe, tags, AT)

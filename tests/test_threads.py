@@ -161,6 +161,9 @@ OTHERS = {"sequential": 0, "threads": 8, "asyncio": min(32, (os.cpu_count() or 1
 
 
 FEW = 32  # "far fewer than one per request": a few dozen at the very most
+# Over the whole run: the child lets idle workers go after 0.2 s, so bursts separated by a
+# quiet moment may start new ones; still at most a few percent of the 1,000 requests.
+STARTED_AT_MOST = 64
 
 
 @pytest.mark.parametrize("mode", ["sequential", "threads", "asyncio"])
@@ -176,8 +179,8 @@ def test_a_thousand_short_lived_handlers_share_a_few_threads(
     result = results(mode)
     assert result["bad_count"] == 0, result["bad"]
     started = result["started"]
-    assert len(started) <= FEW, f"{len(started)} worker threads started: {started[-5:]}"
-    assert result["lib_peak"] <= FEW, result
+    assert len(started) <= STARTED_AT_MOST, f"{len(started)} workers started: {started[-5:]}"
+    assert result["lib_peak"] <= FEW, result  # threads alive at the same time
     assert result["peak_extra"] <= result["lib_peak"] + OTHERS[mode], result
     if mode == "sequential":
         # One request at a time: a couple of workers do all the work.
