@@ -252,7 +252,7 @@ async def _body(
         stream = cast("AsyncGenerator[AIMessageChunk, None]", model.astream("hi", config=config))
         async with aclosing(stream) as chunks:
             async for chunk in chunks:
-                text = chunk.text
+                text = chunk.content if isinstance(chunk.content, str) else ""
                 if not text:
                     continue
                 record.chunks_sent += 1

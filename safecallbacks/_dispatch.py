@@ -41,6 +41,7 @@ from ._isolation import (
     acall_hook,
     call_hook,
     contained,
+    own_task_is_cancelling,
     passes_through_caller,
     unwrap,
 )
@@ -66,6 +67,7 @@ POLL_SECONDS = 0.002  # how often a busy lane is drained: the delivery latency b
 LINGER_SECONDS = 0.05  # quiet time after which a lane goes idle (next event wakes a worker)
 BATCH = 512  # events one worker takes from one lane before giving others a turn
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
+SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
 IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 _MAX_STOP_MARKS = 1_000
@@ -130,6 +132,7 @@ class _Lane:
         self.busy_since: float | None = None
         self.inflight: str | None = None
         self.stuck_reported = False
+        self.ready_at = 0.0
         self.batch = Batch()  # results not yet committed to the observer
         self._space = threading.Condition(threading.Lock())
         self._space_waiters = 0
@@ -954,8 +957,10 @@ async def drive_bounded(
         if uncancel is not None:
             uncancel()
         return TimeoutError(f"async hook exceeded timeout={timeout}s")
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        if own_task_is_cancelling():
+            raise  # the consumer itself is being cancelled: pass it on
+        return exc  # the handler cancelled itself
     except BaseException as exc:
         return exc
     finally:
@@ -996,23 +1001,28 @@ def _idle_exit_seconds() -> float:
 
 
 class _Pool:
-    """Worker threads shared by every hardened sync handler in the process.
+    """Worker threads shared by every hardened sync handler in the process, and one watchdog.
 
-    Threads are started only when a lane is ready and no worker is idle, so a
-    hung handler costs one thread while the others carry on; idle threads exit
-    after ``idle_exit`` seconds, so per-request handlers leave nothing behind.
+    Workers only drain lanes. The watchdog polls lanes that are between
+    batches ("lingering"), reports stuck deliveries, and starts another worker
+    only when a ready lane has waited ``SPAWN_DELAY`` with no worker free: so
+    microsecond handlers share a couple of threads however many handlers there
+    are, while a hung handler costs one thread and delays the others by at
+    most that delay. Idle workers, and the watchdog when nothing is left to
+    watch, exit after ``idle_exit`` seconds.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
+        self.cond = threading.Condition(self.lock)  # idle workers wait here
+        self.watch = threading.Condition(self.lock)  # the watchdog waits here
         self.ready: deque[_ThreadLane] = deque()
         self.lingering: dict[_ThreadLane, float] = {}
         self.busy: set[_ThreadLane] = set()
         self.threads: set[threading.Thread] = set()
+        self.watchdog: threading.Thread | None = None
         self.idle = 0
-        self.starting = 0  # threads started that have not looked for work yet
-        self.poller = False
+        self.starting = 0  # workers started that have not looked for work yet
         self.idle_exit = _idle_exit_seconds()
         self._serial = 0
 
@@ -1021,8 +1031,10 @@ class _Pool:
             if lane.scheduled:
                 return
             lane.scheduled = True
-            self.ready.append(lane)
-            self._wake_or_spawn()
+            self._make_ready(lane, _now())
+            if not self.idle and not self.threads:
+                self._spawn()
+            self._ensure_watchdog()
 
     def forget(self, lane: _ThreadLane) -> None:
         """Stop watching a closed handler's lane, so it needs no polling."""
@@ -1030,19 +1042,33 @@ class _Pool:
             if self.lingering.pop(lane, None) is not None:
                 lane.scheduled = False
 
-    def _wake_or_spawn(self) -> None:
+    def _make_ready(self, lane: _ThreadLane, now: float) -> None:
+        lane.ready_at = now
+        self.ready.append(lane)
         if self.idle:
             self.cond.notify()
-        elif self.starting >= len(self.ready) and (self.starting or not self.lingering):
-            return  # threads already on their way will take the ready lanes
-        elif len(self.threads) < MAX_WORKERS:
-            self.starting += 1
-            self._serial += 1
-            thread = threading.Thread(
-                target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
+
+    def _spawn(self) -> None:
+        if len(self.threads) >= MAX_WORKERS:
+            return
+        self.starting += 1
+        self._serial += 1
+        thread = threading.Thread(
+            target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
+        )
+        self.threads.add(thread)
+        thread.start()
+
+    def _ensure_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = threading.Thread(
+                target=self._watch, name="safecallbacks-watchdog", daemon=True
             )
-            self.threads.add(thread)
-            thread.start()
+            self.watchdog.start()
+        else:
+            self.watch.notify()
+
+    # --- workers ----------------------------------------------------------------
 
     def _work(self) -> None:
         with self.lock:
@@ -1064,17 +1090,6 @@ class _Pool:
         with self.lock:
             idle_since = _now()
             while not self.ready:
-                self._poll()
-                if self.ready:
-                    break
-                if (self.lingering or self.busy) and not self.poller:
-                    self.poller = True
-                    self.idle += 1
-                    self.cond.wait(POLL_SECONDS if self.lingering else WATCHDOG_SECONDS)
-                    self.idle -= 1
-                    self.poller = False
-                    idle_since = _now()
-                    continue
                 self.idle += 1
                 self.cond.wait(self.idle_exit)
                 self.idle -= 1
@@ -1083,33 +1098,52 @@ class _Pool:
                     return None
             lane = self.ready.popleft()
             self.busy.add(lane)
-            if self.ready or (self.lingering and not self.poller):
-                # Other lanes wait, or need polling: this worker may be about to hang
-                # in a handler, so make sure another one will look after them.
-                self._wake_or_spawn()
             return lane
 
     def _after_drain(self, lane: _ThreadLane) -> None:
         with self.lock:
             self.busy.discard(lane)
             if lane.queue:
-                self.ready.append(lane)
+                self._make_ready(lane, _now())
             else:
                 self.lingering[lane] = _now()
+            self._ensure_watchdog()
 
-    def _poll(self) -> None:
+    # --- the watchdog -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        with self.lock:
+            quiet_since = _now()
+            while True:
+                now = _now()
+                self._poll(now)
+                if self.lingering or self.ready or self.busy:
+                    quiet_since = now
+                elif now - quiet_since >= self.idle_exit:
+                    self.watchdog = None
+                    return
+                self.watch.wait(POLL_SECONDS if self.lingering or self.ready else WATCHDOG_SECONDS)
+
+    def _poll(self, now: float) -> None:
         """Move lingering lanes with new events to ready; let quiet ones go idle."""
-        now = _now()
         for lane, since in list(self.lingering.items()):
             if lane.queue:
                 del self.lingering[lane]
-                self.ready.append(lane)
+                self._make_ready(lane, now)
             elif now - since >= LINGER_SECONDS:
                 del self.lingering[lane]
                 lane.scheduled = False
                 if lane.queue:  # an event slipped in before the flag dropped
                     lane.scheduled = True
-                    self.ready.append(lane)
+                    self._make_ready(lane, now)
+        waited = now - self.ready[0].ready_at if self.ready else 0.0
+        if (
+            self.ready
+            and not self.idle
+            and not self.starting
+            and (waited >= SPAWN_DELAY or not self.threads)
+        ):
+            self._spawn()  # every worker is busy, maybe hung: add one
         for lane in self.busy:
             if lane.stuck(now) and not lane.stuck_reported:
                 lane.stuck_reported = True
@@ -1119,8 +1153,6 @@ class _Pool:
                     hook=lane.inflight,
                     seconds=round(now - (lane.busy_since or now), 3),
                 )
-        if self.ready and self.idle > 1:
-            self.cond.notify()
 
 
 _POOL: _Pool | None = None
