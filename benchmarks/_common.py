@@ -24,6 +24,8 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
+from safecallbacks._demo import StallsOnce
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
@@ -107,18 +109,8 @@ class Failing(BaseCallbackHandler):
         raise RuntimeError("handler bug")
 
 
-class HangOnce(BaseCallbackHandler):
-    """Blocks for ``seconds`` on token number ``at`` (once), free otherwise."""
-
-    def __init__(self, at: int, seconds: float) -> None:
-        self.at = at
-        self.seconds = seconds
-        self.seen = 0
-
-    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
-        self.seen += 1
-        if self.seen == self.at:
-            time.sleep(self.seconds)
+# Blocks for ``seconds`` on token number ``at`` (once), free otherwise: the demo's handler.
+HangOnce = StallsOnce
 
 
 class AsyncNoOp(AsyncCallbackHandler):
