@@ -159,16 +159,10 @@ def _recorder(hook: str, original: Any = None) -> Callable[..., Any]:
 def _isolated_flag(flag: str, original: Any) -> property:
     """An ``ignore_*`` property that can never raise into LangChain."""
 
-    def read(self: object) -> bool:
-        value = original.__get__(self, type(self)) if hasattr(original, "__get__") else original
-        try:
-            return bool(value)
-        except Exception:
-            return False
-
     def safe(self: object) -> bool:
         try:
-            return read(self)
+            value = original.__get__(self, type(self)) if hasattr(original, "__get__") else original
+            return bool(value)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
@@ -268,16 +262,32 @@ def _harden_class_body(cls: type) -> None:
             guarded.fget._sc_flag = True  # type: ignore[union-attr]
 
 
-class SafeHandler(_Hardened, BaseCallbackHandler):
+class _HardenedClassBase(_Hardened):
+    """Hooks defined in a subclass body are hardened; the dispatcher is made on first use.
+
+    Shared by ``SafeHandler`` and by the classes ``harden`` makes from a handler class.
+    """
+
+    _sc_default_options: Options = make_options()
+    _sc_resolved: Mapping[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _harden_class_body(cls)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_sc_core":
+            return _lazy_core(self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
     """Subclass this instead of ``BaseCallbackHandler``: every hook you define is hardened.
 
     Hooks may be sync or ``async def``. Options are the keyword arguments of
     ``__init__``; a subclass that defines its own ``__init__`` and never calls
     ``super().__init__()`` still works, with the default options.
     """
-
-    _sc_default_options: Options = make_options()
-    _sc_resolved: Mapping[str, Any] = {}
 
     def __init__(
         self,
@@ -313,15 +323,6 @@ class SafeHandler(_Hardened, BaseCallbackHandler):
         _install_inline_async_hooks(self, core, type(self)._sc_resolved)
         if previous is not None:
             previous.close(0.0)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _harden_class_body(cls)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_sc_core":
-            return _lazy_core(self)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # --- harden(instance) ---------------------------------------------------------
@@ -440,22 +441,6 @@ def _harden_class(cls: C, options: Options) -> C:
             namespace[flag] = value
     hardened = type(cls.__name__, (_HardenedClassBase, cls), namespace)
     return cast(C, hardened)
-
-
-class _HardenedClassBase(_Hardened):
-    """Mixed in front of a class given to ``harden``: a lazily created dispatcher."""
-
-    _sc_default_options: Options = make_options()
-    _sc_resolved: Mapping[str, Any] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _harden_class_body(cls)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_sc_core":
-            return _lazy_core(self)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # --- the public entry points ----------------------------------------------------
