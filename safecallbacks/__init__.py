@@ -1,21 +1,35 @@
 """safecallbacks: LangChain callback handlers that cannot break, stall or tax a stream.
 
-Three ways in::
+Four ways in::
 
     class AuditLog(SafeHandler): ...            # subclass: every hook you define is hardened
-    safe = harden(SomeHandler())                # wrap an instance (or decorate a class)
+    handler = harden(SomeHandler())             # harden a handler (or decorate a class)
     config = harden_config({"callbacks": [a]})  # every handler of a RunnableConfig
+    safecallbacks.install()                     # every handler LangChain runs, from anywhere
 
-See the README for the guarantees and the measured problem they solve.
+A hardened handler is still the handler: same class for ``isinstance``, same
+state, same data out. See the README for the guarantees and the measured
+problem they solve.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from ._handler import SafeHandler, harden, harden_config
+from ._handler import (
+    SafeHandler,
+    aclose,
+    aflush,
+    close,
+    flush,
+    harden,
+    harden_config,
+    stats,
+)
+from ._install import install, uninstall
 from ._isolation import StopStream
 from ._options import Breaker
+from ._policy import register_inline, register_plumbing
 from ._stats import HookStats, Stats, Summary
 
 __all__ = [
@@ -26,6 +40,24 @@ __all__ = [
     "StopStream",
     "Summary",
     "__version__",
+    "aclose",
+    "aflush",
+    "close",
+    "flush",
     "harden",
     "harden_config",
+    "install",
+    "register_inline",
+    "register_plumbing",
+    "stats",
+    "uninstall",
 ]
+
+for _name in __all__:
+    _public = globals()[_name]
+    if hasattr(_public, "__module__") and not isinstance(_public, str):
+        try:
+            _public.__module__ = __name__
+        except (AttributeError, TypeError):  # pragma: no cover - builtins
+            pass
+del _name, _public

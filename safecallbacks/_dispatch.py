@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import itertools
 import os
 import sys
 import threading
@@ -45,9 +46,9 @@ from ._isolation import (
     passes_through_caller,
     unwrap,
 )
-from ._observe import PAIRED_HOOKS, Batch, Observer, register_depth_source
+from ._observe import PAIRED_HOOKS, Batch, Observer, count_value, register_depth_source
 from ._options import Options
-from ._stats import Stats
+from ._stats import Stats, merge_stats
 
 _get_running_loop = asyncio._get_running_loop
 _copy_context = contextvars.copy_context
@@ -73,6 +74,26 @@ IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 _MAX_STOP_MARKS = 1_000
 _START_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith("_start"))
 _MAX_PARENTS = 10_000
+ROOT_END_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith(("_end", "_error")))
+"""Hooks that can end a root run: where ``settle`` waits for the backlog."""
+
+
+class Unbound:
+    """Stands in for a handler's engine until its first event: options and family to join.
+
+    Put in place by hardened classes at construction and by copies (deep copies,
+    unpickled handlers); the handler's first event makes the real engine.
+    """
+
+    __slots__ = ("options", "parent", "target")
+
+    def __init__(self, options: Options, parent: Dispatcher | None = None) -> None:
+        self.options = options
+        self.parent = parent
+        self.target: object = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Unbound, (self.options, None))
 
 
 class Barrier:
@@ -442,7 +463,12 @@ class _LoopLane(_Lane):
 
 
 class Dispatcher:
-    """The engine behind one hardened handler: lanes, inline calls, flush, close, stats."""
+    """The engine behind one hardened handler: lanes, inline calls, flush, close, stats.
+
+    A handler LangChain copies (``copy_with_metadata_defaults``, ``copy.copy``)
+    gets an engine of its own that joins the original's *family*: flushing,
+    closing or reading the stats of the original covers its copies.
+    """
 
     def __init__(
         self,
@@ -452,14 +478,22 @@ class Dispatcher:
         options: Options,
         async_only: bool,
         has_async: bool,
+        hooks: Iterable[str] = (),
+        async_hooks: Iterable[str] = (),
+        requested: Options | None = None,
+        parent: Dispatcher | None = None,
     ) -> None:
         self.target = target
         self.resolve = resolve
         self.name = name
         self.options = options
+        self.requested = requested if requested is not None else options
         self.async_only = async_only
         self.has_async = has_async
         self.observer = Observer(name, options)
+        self.observer.on_breaker_change = self._refresh_fast_lane
+        self.emitted = self.observer.emitted
+        self.breaker = self.observer.breaker
         self.closed = False
         self.stop_marks: dict[object, StopStream] = {}
         self._parents: dict[object, object] = {}
@@ -467,15 +501,52 @@ class Dispatcher:
         self._loop_lanes: dict[asyncio.AbstractEventLoop | None, _LoopLane] = {}
         self._loop_lanes_lock = threading.Lock()
         self._pruned_high_water = 0
+        self.inline_counts: dict[str, itertools.count[int]] = {
+            hook: itertools.count() for hook in hooks
+        }
+        self.awaited_hooks = self._awaited_hooks(frozenset(async_hooks), frozenset(hooks))
+        self.root: Dispatcher = parent.root if parent is not None else self
+        self.members: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        if parent is not None:
+            self.root.members.add(self)
         self.fast_lane: _Lane | None = None
+        self.inline_ready = False
+        self.bare_run_inline = False  # set by the hardened surface from the handler's class
         self._refresh_fast_lane()
         _registry.add(self)
 
+    def _awaited_hooks(self, async_hooks: frozenset[str], hooks: frozenset[str]) -> frozenset[str]:
+        """Hooks LangChain's async manager must await rather than call."""
+        if self.options.mode == "inline":
+            return async_hooks  # awaited as LangChain would await the bare handler
+        if self.options.settle > 0:
+            return frozenset(h for h in hooks if h in ROOT_END_HOOKS)  # to settle the backlog
+        return frozenset()
+
     def _refresh_fast_lane(self) -> None:
-        """The lane recorders may append to directly, or None to take ``record``."""
-        simple = self.options.mode == "offload" and not self.has_async
-        fast = simple and not self.closed and not self.stop_marks
+        """Which fast path recorders may take: the lane to append to, or calling inline."""
+        open_ = not self.closed and self.breaker.state == "closed"
+        offload = self.options.mode == "offload"
+        fast = offload and not self.has_async and not self.closed and not self.stop_marks
         self.fast_lane = self._thread_lane if fast else None
+        self.inline_ready = self.options.mode == "inline" and open_
+
+    # --- copies --------------------------------------------------------------
+
+    def __copy__(self) -> Dispatcher:
+        return self  # a shallow copy of a handler shares it until its first event rebinds
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Unbound:
+        return Unbound(self.requested, self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Unbound, (self.requested, None))
+
+    def family(self) -> list[Dispatcher]:
+        """This engine and, for an original handler, the engines of its copies."""
+        if self.root is not self:
+            return [self]
+        return [self, *list(self.members)]
 
     # --- the token path ---------------------------------------------------
 
@@ -510,25 +581,43 @@ class Dispatcher:
     async def arecord_inline(
         self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        """Inline mode on the async path: LangChain awaits this, so the handler is awaited here."""
+        """Inline mode on the async path: LangChain awaits this, so the handler is awaited here.
+
+        Exactly as LangChain would run the bare handler: a ``run_inline`` handler
+        in the caller's own task and context (context it sets is seen by later
+        hooks), any other in a task of its own with a copy of the context (which
+        also lets the loop run other tasks between events, as consumers of
+        ``AsyncIteratorCallbackHandler`` rely on). ``timeout`` bounds it.
+        """
         if not self._accept(hook, kwargs):
             return
         run_id = kwargs.get("run_id")
         if not self.observer.admit(hook, run_id):
             return
         started = _now()
-        error = await run_bounded(
-            acall_hook(self.resolve, self.target, hook, args, kwargs),
-            contextvars.copy_context(),
-            self.options.timeout,
-        )
+        coro = acall_hook(self.resolve, self.target, hook, args, kwargs)
+        if self.bare_run_inline:  # LangChain would await it in the caller's task
+            error = await run_here(coro, self.options.timeout)
+        else:  # LangChain would gather it: a task of its own, in a copy of the context
+            error = await run_bounded(coro, contextvars.copy_context(), self.options.timeout)
         if error is not None and passes_through_caller(error):
             self._commit_one(hook, run_id, None, started, started, args, kwargs)
             raise error
         self._commit_one(hook, run_id, error, started, started, args, kwargs)
 
-    def inline_async_hook(self, hook: str) -> InlineAsyncHook:
-        return InlineAsyncHook(self, hook)
+    async def adeliver(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """What LangChain's async manager awaits for a hook in ``awaited_hooks``."""
+        if self.options.mode == "inline":
+            await self.arecord_inline(hook, args, kwargs)
+            return
+        self.record(hook, args, kwargs)
+        if kwargs.get("parent_run_id") is None:
+            await self.asettle()
+
+    async def asettle_after(self, kwargs: Mapping[str, Any]) -> None:
+        """An end hook the handler lacks, on the async path: settle after a root run."""
+        if kwargs.get("parent_run_id") is None:
+            await self.asettle()
 
     def _is_async(self, hook: str) -> bool:
         try:
@@ -552,6 +641,55 @@ class Dispatcher:
                 raise
             error = exc
         self._commit_one(hook, run_id, error, started, started, args, kwargs)
+
+    def inline_failed(
+        self, hook: str, exc: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """The inline fast path's handler raised ``exc``: account, fall back, or pass it on."""
+        run_id = kwargs.get("run_id")
+        at = _now()
+        if hook == "on_chat_model_start" and isinstance(exc, NotImplementedError):
+            # LangChain's own fallback: the handler gets on_llm_start instead.
+            error: BaseException | None = None
+            try:
+                call_hook(self.resolve, self.target, hook, args, kwargs)
+            except BaseException as again:
+                if passes_through_caller(again):
+                    self._commit_one(hook, run_id, None, at, at, args, kwargs)
+                    raise
+                error = again
+            self._commit_one(hook, run_id, error, at, at, args, kwargs)
+            return
+        if passes_through_caller(exc):
+            self._commit_one(hook, run_id, None, at, at, args, kwargs)
+            raise exc
+        self._commit_one(hook, run_id, exc, at, at, args, kwargs)
+
+    def settle_now(self) -> None:
+        """A root run ended on a sync emitter: wait up to ``settle`` for this backlog."""
+        if self._is_stuck():
+            return
+        deadline = _now() + self.options.settle
+        here = _get_running_loop()
+        for lane, barrier in self.place_barriers():
+            if here is not None and lane.loop is here:
+                continue  # that loop can only drain once this caller returns
+            _wait_settled(lane, barrier, deadline)
+
+    async def asettle(self) -> None:
+        """``settle_now`` for async emitters: waits without blocking the loop."""
+        if self.options.settle <= 0 or self._is_stuck():
+            return
+        await self._await_barriers(self.place_barriers(), self.options.settle)
+
+    def _is_stuck(self) -> bool:
+        now = _now()
+        threshold = self.options.stall_threshold
+        for lane in self.lanes():
+            since = lane.busy_since
+            if since is not None and now - since > threshold:
+                return True
+        return False
 
     def _commit_one(
         self,
@@ -715,23 +853,32 @@ class Dispatcher:
             placed.append((lane, barrier))
         return placed
 
+    def _family_barriers(self) -> list[tuple[_Lane, Barrier]]:
+        return [placed for core in self.family() for placed in core.place_barriers()]
+
     def flush(self, timeout: float) -> bool:
         deadline = _now() + timeout
         here = _get_running_loop()
         ok = True
-        for lane, barrier in self.place_barriers():
+        for lane, barrier in self._family_barriers():
             if here is not None and lane.loop is here:
                 # Waiting would block the very loop that must drain it: use aflush().
                 ok = ok and barrier.done()
                 continue
             ok = _wait_settled(lane, barrier, deadline) and ok
-        self.observer.summarise()
+        for core in self.family():
+            core.observer.summarise()
         return ok
 
     async def aflush(self, timeout: float) -> bool:
+        ok = await self._await_barriers(self._family_barriers(), timeout)
+        for core in self.family():
+            core.observer.summarise()
+        return ok
+
+    async def _await_barriers(self, placed: list[tuple[_Lane, Barrier]], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = _now() + timeout
-        placed = self.place_barriers()
         futures = {barrier.future(loop): lane for lane, barrier in placed}
         pending = set(futures)
         while pending and _now() < deadline:
@@ -742,17 +889,18 @@ class Dispatcher:
                 futures[fut].reap_if_dead()  # releases the barrier if its loop is gone
         for fut in pending:
             fut.cancel()
-        self.observer.summarise()
         return not pending
 
     def close(self, timeout: float) -> bool:
         ok = self.flush(timeout) if not self.closed else True
-        self.shut(reason="closed")
+        for core in self.family():
+            core.shut(reason="closed")
         return ok
 
     async def aclose(self, timeout: float) -> bool:
         ok = await self.aflush(timeout) if not self.closed else True
-        self.shut(reason="closed")
+        for core in self.family():
+            core.shut(reason="closed")
         return ok
 
     def shut(self, reason: str) -> None:
@@ -766,6 +914,16 @@ class Dispatcher:
         _registry.discard(self)
 
     def stats(self) -> Stats:
+        """This engine's snapshot, with its copies' counts added for an original handler."""
+        own = self._own_stats()
+        members = self.family()[1:]
+        if not members:
+            return own
+        others = [core._own_stats() for core in members]
+        durations = [core.observer.estimators() for core in self.family()]
+        return merge_stats(own, others, durations)
+
+    def _own_stats(self) -> Stats:
         now = _now()
         queued: Counter[str] = Counter()
         depth = 0
@@ -778,6 +936,11 @@ class Dispatcher:
             depth += sum(waiting.values()) - (lane.inflight is not None)
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
+        inline = Batch()
+        for hook, counter in self.inline_counts.items():
+            count = count_value(counter)
+            if count:
+                inline.counts[(hook, None)] = count
         return self.observer.snapshot(
             self.options.mode,
             queued,
@@ -785,7 +948,7 @@ class Dispatcher:
             max(high, depth),
             stuck,
             self.closed,
-            live=lambda: [lane.batch for lane in lanes],
+            live=lambda: [inline, *(lane.batch for lane in lanes)],
         )
 
     def queue_depth(self) -> int:
@@ -793,6 +956,9 @@ class Dispatcher:
 
     def reset_after_fork(self) -> None:
         self.observer.reset_after_fork()
+        self.emitted = self.observer.emitted
+        self.breaker = self.observer.breaker
+        self.inline_counts = {hook: itertools.count() for hook in self.inline_counts}
         self.stop_marks.clear()
         self._parents.clear()
         self._thread_lane = _ThreadLane(self)
@@ -801,37 +967,34 @@ class Dispatcher:
         self._refresh_fast_lane()
 
 
-async def _coroutine_shape(*args: Any, **kwargs: Any) -> None:
-    """Never called: lends its code object to ``InlineAsyncHook``."""
+async def run_here(coro: Any, timeout: float) -> BaseException | None:
+    """Await a handler coroutine in the caller's own task; return what it raised, if anything.
 
-
-class InlineAsyncHook:
-    """An async hook of an inline-mode handler, shaped so LangChain awaits it.
-
-    LangChain's async manager awaits hooks that look like coroutine functions
-    (it checks the code flags, or asyncio's marker on 0.3) and calls the rest
-    in place; its sync manager calls every hook and runs whatever coroutine
-    comes back on a throwaway event loop. This object looks like a coroutine
-    function, but only returns a coroutine when a loop is running on the
-    calling thread: from plain sync code it delivers on the shared
-    background loop itself and returns None, so no loop is ever made per event.
+    Used for inline async hooks, so context the hook sets stays visible to the
+    caller's later hooks, as it would bare. Past ``timeout`` it is cancelled and
+    reported as a ``TimeoutError``. A real cancellation of the caller's task
+    passes through.
     """
-
-    __code__ = _coroutine_shape.__code__
-    __defaults__ = None
-    __kwdefaults__ = None
-    _is_coroutine = getattr(asyncio.coroutines, "_is_coroutine", None)
-
-    def __init__(self, core: Dispatcher, hook: str) -> None:
-        self.core = core
-        self.hook = self.__name__ = self.__qualname__ = hook
-        self.__annotations__: dict[str, Any] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _get_running_loop() is None:
-            self.core.record(self.hook, args, kwargs)
-            return None
-        return self.core.arecord_inline(self.hook, args, kwargs)
+    timeout_cm = getattr(asyncio, "timeout", None)
+    if timeout_cm is None:  # pragma: no cover - Python 3.10: a task in a copied context
+        return await run_bounded(coro, contextvars.copy_context(), timeout)
+    limit = timeout_cm(timeout)
+    try:
+        async with limit:
+            await coro
+    except TimeoutError as exc:
+        if not limit.expired():
+            return exc  # the handler's own TimeoutError
+        if own_task_is_cancelling():
+            raise
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    except asyncio.CancelledError as exc:
+        if own_task_is_cancelling():
+            raise
+        return exc
+    except BaseException as exc:
+        return unwrap(exc)
+    return None
 
 
 async def run_bounded(

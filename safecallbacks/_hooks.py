@@ -1,8 +1,11 @@
-"""The catalogue of LangChain callback hooks, read from the installed langchain-core.
+"""The hooks a handler's class understands, read from the installed packages.
 
 Nothing here is hard-coded per version: every public ``on_*`` method of
 ``BaseCallbackHandler`` is a hook, so a hook that a later langchain-core adds
 (``on_stream_event`` arrived in 1.x) is hardened without a release of ours.
+Framework base classes add their own (LangGraph's ``GraphCallbackHandler``
+has ``on_interrupt`` and ``on_resume``): see ``class_hooks``. Nothing here runs
+on the token path.
 """
 
 from __future__ import annotations
@@ -85,18 +88,75 @@ def is_default_hook(value: object) -> bool:
         return False
 
 
-def implemented_hooks(handler: object) -> dict[str, Callable[..., Any] | Any]:
-    """The hooks ``handler`` really implements, looked up statically.
+def _declared_in(cls: type, hook: str) -> type | None:
+    for klass in cls.__mro__:
+        if hook in vars(klass):
+            return klass
+    return None
+
+
+def _top_package(cls: type) -> str:
+    return cls.__module__.split(".", 1)[0]
+
+
+def _framework_hooks(cls: type) -> set[str]:
+    """``on_*`` methods declared by handler base classes from another package than ``cls``.
+
+    A framework that extends the callback protocol does it with a base class
+    users derive from (LangGraph's ``GraphCallbackHandler``); the ``on_*``
+    methods such a base declares are hooks the framework calls. Methods named
+    ``on_*`` in the user's own package are just methods.
+    """
+    own = _top_package(cls)
+    found: set[str] = set()
+    for base in cls.__mro__[1:]:
+        if not issubclass(base, BaseCallbackHandler) or _top_package(base) == own:
+            continue
+        if base.__module__.startswith("safecallbacks"):
+            continue
+        for name, value in vars(base).items():
+            if name.startswith("on_") and (callable(value) or isinstance(value, staticmethod)):
+                found.add(name)
+    return found
+
+
+def class_hooks(cls: type) -> tuple[str, ...]:
+    """Every hook instances of ``cls`` can be called with: LangChain's and its frameworks'."""
+    return tuple(sorted(set(HOOKS) | _framework_hooks(cls)))
+
+
+def _static_lookup(cls: type, hook: str, look_past: Callable[[Any], bool]) -> Any:
+    for klass in cls.__mro__:
+        value = vars(klass).get(hook)
+        if value is not None and not look_past(value):
+            return value
+    return None
+
+
+def implemented_hooks(
+    handler: object, look_past: Callable[[Any], bool] | None = None
+) -> dict[str, Callable[..., Any] | Any]:
+    """The hooks ``handler`` (an instance or a class) really implements, looked up statically.
 
     Hooks left at LangChain's default body are omitted: the default does
     nothing (or, for ``on_chat_model_start``, asks LangChain to fall back to
-    ``on_llm_start``), so there is nothing to harden or deliver.
+    ``on_llm_start``), so there is nothing to harden or deliver. So are a
+    framework base's own do-nothing bodies. ``look_past`` skips class
+    attributes that stand in for a hook without implementing it.
     """
+    cls = handler if isinstance(handler, type) else type(handler)
     found: dict[str, Any] = {}
-    for hook in HOOKS:
-        value = inspect.getattr_static(handler, hook, None)
+    for hook in class_hooks(cls):
+        if look_past is None:
+            value = inspect.getattr_static(handler, hook, None)
+        else:
+            value = _static_lookup(cls, hook, look_past)
         if value is None or is_default_hook(value):
             continue
+        if hook not in HOOKS:
+            owner = _declared_in(cls, hook)
+            if owner is not None and _top_package(owner) != _top_package(cls):
+                continue  # the framework's own do-nothing declaration
         found[hook] = value
     return found
 

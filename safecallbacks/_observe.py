@@ -327,6 +327,7 @@ class Observer:
         )
         self._log = _FailureLog(name, options, clock)
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
+        self.on_breaker_change: Callable[[], None] | None = None
 
     # --- emitting side ---------------------------------------------------
 
@@ -472,6 +473,8 @@ class Observer:
             self._open_runs.pop(run_id, None)
 
     def breaker_changed(self, state: str) -> None:
+        if self.on_breaker_change is not None:
+            self.on_breaker_change()  # the engine's fast paths depend on the breaker
         instruments().breaker_changes.add(1, {"handler": self.name, "state": state})
         logger().warning("breaker_state_changed", handler=self.name, state=state)
 
@@ -550,9 +553,16 @@ class Observer:
             closed=closed,
         )
 
+    def estimators(self) -> tuple[Estimator, Estimator]:
+        """Copies of the handler-time and lag estimators (to merge a family's stats)."""
+        with self._lock:
+            return self._duration.copy(), self._lag.copy()
+
     def set_clock(self, clock: Clock) -> None:
         """Use ``clock`` for the breaker, log windows and stall reports (tests)."""
         self.clock = self.breaker.clock = self._log.clock = clock
 
     def reset_after_fork(self) -> None:
+        callback = self.on_breaker_change
         self.__init__(self.name, self.options, self.clock)  # type: ignore[misc]
+        self.on_breaker_change = callback

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
-Mode: TypeAlias = Literal["offload", "inline"]
+Mode: TypeAlias = Literal["auto", "offload", "inline"]
 OnFull: TypeAlias = Literal["drop_newest", "drop_oldest", "block"]
 
-MODES: tuple[str, ...] = ("offload", "inline")
+MODES: tuple[str, ...] = ("auto", "offload", "inline")
 ON_FULL: tuple[str, ...] = ("drop_newest", "drop_oldest", "block")
 
 DEFAULT_MAX_QUEUE = 10_000
@@ -47,7 +47,7 @@ class Breaker:
 class Options:
     """The validated settings of one hardened handler."""
 
-    mode: Mode = "offload"
+    mode: Mode = "auto"
     max_queue: int = DEFAULT_MAX_QUEUE
     on_full: OnFull = "drop_newest"
     block_timeout: float = DEFAULT_BLOCK_TIMEOUT
@@ -58,6 +58,7 @@ class Options:
     summary_interval: float = 10.0
     stall_threshold: float = 1.0
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
+    settle: float = 0.0
 
 
 _UNSET: Any = object()
@@ -73,6 +74,7 @@ OPTION_NAMES: tuple[str, ...] = (
     "summary_interval",
     "stall_threshold",
     "exit_timeout",
+    "settle",
 )
 
 
@@ -111,7 +113,7 @@ def make_options(**given: Any) -> Options:
             f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTION_NAMES)}"
         )
     values = {k: v for k, v in given.items() if v is not _UNSET}
-    mode = values.get("mode", "offload")
+    mode = values.get("mode", "auto")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     on_full = values.get("on_full", "drop_newest")
@@ -144,6 +146,7 @@ def make_options(**given: Any) -> Options:
         exit_timeout=_non_negative_number(
             "exit_timeout", values.get("exit_timeout", default_exit_timeout())
         ),
+        settle=_non_negative_number("settle", values.get("settle", 0.0)),
     )
 
 

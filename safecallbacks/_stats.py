@@ -27,6 +27,20 @@ class Estimator:
         self.total = 0.0
         self.maximum = 0.0
 
+    def copy(self) -> Estimator:
+        made = Estimator()
+        made._buckets = dict(self._buckets)
+        made.count, made.total, made.maximum = self.count, self.total, self.maximum
+        return made
+
+    def merge(self, other: Estimator) -> None:
+        """Add ``other``'s samples to this one (exact: buckets add up)."""
+        for index, count in other._buckets.items():
+            self._buckets[index] = self._buckets.get(index, 0) + count
+        self.count += other.count
+        self.total += other.total
+        self.maximum = max(self.maximum, other.maximum)
+
     def add(self, seconds: float) -> None:
         self.add_many((seconds,))
 
@@ -170,3 +184,44 @@ class Stats:
             f"      lag={self.lag!r},\n"
             f"      hooks(delivered/emitted)={{{hooks}}})"
         )
+
+
+def merge_stats(
+    own: Stats, others: Iterable[Stats], estimators: Iterable[tuple[Estimator, Estimator]]
+) -> Stats:
+    """One snapshot for a handler and the copies LangChain made of it: counts add up."""
+    parts = [own, *others]
+    hooks: dict[str, list[int]] = {}
+    errors: dict[str, int] = {}
+    for part in parts:
+        for hook, row in part.hooks.items():
+            into = hooks.setdefault(hook, [0] * 6)
+            for i, value in enumerate(
+                (row.emitted, row.delivered, row.failed, row.dropped, row.skipped, row.pending)
+            ):
+                into[i] += value
+        for kind, count in part.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    duration, lag = Estimator(), Estimator()
+    for member_duration, member_lag in estimators:
+        duration.merge(member_duration)
+        lag.merge(member_lag)
+    return Stats(
+        handler=own.handler,
+        mode=own.mode,
+        emitted=sum(p.emitted for p in parts),
+        delivered=sum(p.delivered for p in parts),
+        failed=sum(p.failed for p in parts),
+        dropped=sum(p.dropped for p in parts),
+        skipped=sum(p.skipped for p in parts),
+        pending=sum(p.pending for p in parts),
+        hooks=MappingProxyType({hook: HookStats(*row) for hook, row in hooks.items()}),
+        errors=MappingProxyType(errors),
+        handler_time=duration.summary(),
+        lag=lag.summary(),
+        queue_depth=sum(p.queue_depth for p in parts),
+        queue_high_water=max(p.queue_high_water for p in parts),
+        stuck=any(p.stuck for p in parts),
+        breaker=own.breaker,
+        closed=own.closed,
+    )

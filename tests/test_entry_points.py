@@ -15,7 +15,7 @@ from langchain_core.callbacks import (
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 
-from safecallbacks import SafeHandler, StopStream, harden, harden_config
+from safecallbacks import SafeHandler, StopStream, harden, harden_config, stats
 from safecallbacks.testing import AsyncRecordingHandler, RecordingHandler, fake_chat_model
 
 TOKENS = 8
@@ -118,13 +118,13 @@ def test_decorated_class_with_and_without_options() -> None:
     assert plain.stats().handler == "Decorated"
 
 
-def test_harden_instance_returns_the_same_wrapper_and_never_wraps_twice() -> None:
+def test_harden_instance_hardens_the_handler_itself_once() -> None:
     recorder = RecordingHandler()
-    safe = harden(recorder)
-    assert harden(recorder) is safe
-    assert harden(safe) is safe
-    assert safe.wrapped is recorder
-    assert harden(recorder, max_queue=5) is not safe
+    safe = harden(recorder, max_queue=7)
+    assert safe is recorder and isinstance(safe, RecordingHandler)
+    assert harden(recorder) is safe and harden(safe, max_queue=7) is safe
+    with pytest.raises(ValueError, match="already hardened with other options.*max_queue=7"):
+        harden(recorder, max_queue=5)
 
 
 @pytest.mark.parametrize("style", ["invoke", "batch", "stream"])
@@ -291,9 +291,10 @@ def test_harden_config_on_lists_and_managers() -> None:
     assert isinstance(new_manager, BaseCallbackManager) and new_manager is not manager
     assert hardened["tags"] == ["t"]
     safe_local, safe_inherited = new_manager.handlers
-    assert safe_local.wrapped is local and safe_inherited.wrapped is inherited
+    assert safe_local is local and safe_inherited is inherited  # hardened in place
+    assert stats(local).mode == stats(inherited).mode == "offload"
     assert new_manager.inheritable_handlers == [safe_inherited]
-    assert manager.handlers == [local, inherited]  # the original is untouched
+    assert manager.handlers == [local, inherited]  # the original manager keeps its lists
     again = harden_config(hardened)
     assert again["callbacks"].handlers == new_manager.handlers
 
@@ -308,7 +309,7 @@ async def test_harden_config_leaves_langchains_streaming_plumbing_alone() -> Non
 
     plumbing = LogStreamCallbackHandler()
     assert harden_config({"callbacks": [plumbing]})["callbacks"] == [plumbing]
-    with pytest.raises(TypeError, match="streaming machinery"):
+    with pytest.raises(TypeError, match="own machinery.*cannot be hardened"):
         harden(plumbing)
 
 

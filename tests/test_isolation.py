@@ -121,8 +121,7 @@ def _hardened(entry: str, fault: str, hooks: tuple[str, ...], mode: str) -> Any:
 
 
 def handler_seen(handler: Any) -> list[str]:
-    target = getattr(handler, "wrapped", handler)
-    return list(target.seen)
+    return list(handler.seen)
 
 
 @pytest.fixture(scope="module")

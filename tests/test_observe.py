@@ -315,7 +315,7 @@ def test_stats_agree_with_metrics_and_invariant_under_concurrency(
 
 def test_stats_is_frozen_and_readable() -> None:
     handler = harden(BlockingHandler(), name="repr-demo")
-    handler.wrapped.release()
+    handler.release()
     list(fake_chat_model(3).stream("hi", {"callbacks": [handler]}))
     assert handler.flush(5.0)
     stats = handler.stats()

@@ -407,13 +407,13 @@ def test_close_on_a_stuck_handler_is_bounded_and_still_accounts(releases: list[A
     assert_accounted(stats)
 
 
-def test_hardening_a_closed_handler_again_gives_a_working_wrapper() -> None:
+def test_hardening_a_closed_handler_again_reopens_it() -> None:
     handler = RecordingHandler()
     first = harden(handler)
-    assert harden(handler) is first  # same handler and options: same wrapper
     first.close(5)
+    assert first.stats().closed
     second = harden(handler)
-    assert second is not first
+    assert second is first and not second.stats().closed
     for _ in fake_chat_model(3).stream("hi", config={"callbacks": [second]}):
         pass
     assert second.flush(10)

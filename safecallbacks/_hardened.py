@@ -1,0 +1,497 @@
+"""The hardened surface: what LangChain calls in place of a handler's hooks.
+
+Hardening never wraps. A hardened handler's class is a generated subclass of
+its own class (so ``isinstance`` holds, its state and its other methods are
+its own) whose hooks are *recorders*: sync methods that hand the event to the
+handler's engine (``Dispatcher``) and return. The handler's own hook bodies
+are kept aside and only ever called by the engine, or, for inline handlers,
+by the recorder itself inside an isolating ``try``.
+
+On the token path: the recorders (offload: append to the lane; inline: call
+the hook, count it) and ``_HookAttribute.__get__`` for hooks LangChain's
+async manager may have to await.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from contextvars import copy_context
+from time import monotonic
+from types import FunctionType, MethodType, TracebackType
+from typing import Any, TypeVar, cast
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from . import _compat
+from ._dispatch import ROOT_END_HOOKS, Dispatcher, Unbound
+from ._hooks import IGNORE_FLAGS, class_hooks, implemented_hooks, is_async_callable
+from ._options import Options, make_options
+from ._policy import auto_mode
+from ._stats import Stats
+
+_CORE_LOCK = threading.RLock()
+_T = TypeVar("_T", bound="_Hardened")
+
+
+class _Hardened:
+    """What every hardened handler offers on top of the LangChain hooks.
+
+    In a class made by ``harden`` these come last in the MRO: where the
+    handler's own class has a method of the same name (an exporter's own
+    ``flush()`` or ``close()``), the handler's wins, and the module-level
+    ``safecallbacks.flush(h)`` etc. are the way to reach ours.
+    """
+
+    __slots__ = ()
+
+    # LangChain re-raises a handler's exceptions when raise_error is set; a
+    # hardened handler never has it set, whatever the wrapped class says.
+    @property
+    def raise_error(self) -> bool:
+        return False
+
+    @raise_error.setter
+    def raise_error(self, value: bool) -> None:
+        pass  # accepted for handlers that assign it in __init__, then ignored
+
+    # Inline means LangChain's async path calls the recorder directly instead
+    # of hopping to an executor thread per event.
+    @property
+    def run_inline(self) -> bool:
+        return True
+
+    @run_inline.setter
+    def run_inline(self, value: bool) -> None:
+        # Kept as the bare handler's wish: it decides how LangChain would run its
+        # hooks on the async path (in the caller's task, or in a task of their own).
+        engine(self).bare_run_inline = bool(value)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every event emitted before this call was delivered, failed or dropped.
+
+        Returns False if that did not happen within ``timeout`` seconds. Called
+        from inside a running event loop it cannot wait for that loop's own
+        deliveries; use ``aflush`` there.
+        """
+        return engine(self).flush(timeout)
+
+    async def aflush(self, timeout: float = 5.0) -> bool:
+        """``flush`` for async code: waits without blocking the event loop."""
+        return await engine(self).aflush(timeout)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush, then stop: events emitted afterwards are counted as dropped."""
+        return engine(self).close(timeout)
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """``close`` for async code."""
+        return await engine(self).aclose(timeout)
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of this handler's counts, timings and state."""
+        return engine(self).stats()
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        engine(self).close(5.0)
+
+    async def __aenter__(self: _T) -> _T:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await engine(self).aclose(5.0)
+
+
+# --- the handler's engine -------------------------------------------------------
+
+
+def engine(handler: Any) -> Dispatcher:
+    """The engine of a hardened handler, made on first use (also for copies)."""
+    found = handler.__dict__.get("_sc_core")
+    if isinstance(found, Dispatcher) and found.target is handler:
+        return found
+    return _bind(handler)
+
+
+def _bind(handler: Any) -> Dispatcher:
+    with _CORE_LOCK:
+        found = handler.__dict__.get("_sc_core")
+        if isinstance(found, Dispatcher) and found.target is handler:
+            return found
+        cls = type(handler)
+        if isinstance(found, Unbound):
+            options, parent = found.options, found.parent
+        elif isinstance(found, Dispatcher):  # a shallow copy of a hardened handler
+            options, parent = found.requested, found
+        else:
+            options, parent = cls._sc_default_options, None
+        made = make_engine(handler, options, parent)
+        handler.__dict__["_sc_core"] = made
+        return made
+
+
+def make_engine(handler: Any, requested: Options, parent: Dispatcher | None = None) -> Dispatcher:
+    cls = type(handler)
+    resolved: Mapping[str, Any] = cls._sc_resolved
+    mode = requested.mode if requested.mode != "auto" else auto_mode(cls)
+    options = requested if mode == requested.mode else _with_mode(requested, mode)
+    async_hooks = [hook for hook, value in resolved.items() if is_async_callable(value)]
+    made = Dispatcher(
+        target=handler,
+        resolve=_class_resolver(handler),
+        name=requested.name or cls.__name__,
+        options=options,
+        async_only=bool(resolved) and len(async_hooks) == len(resolved),
+        has_async=bool(async_hooks),
+        hooks=(*class_hooks(cls), *resolved),
+        async_hooks=async_hooks,
+        requested=requested,
+        parent=parent,
+    )
+    made.bare_run_inline = _bare_run_inline(handler)
+    return made
+
+
+def _bare_run_inline(handler: Any) -> bool:
+    """What ``run_inline`` the handler would have bare (instance value first, as LangChain reads)."""
+    if "run_inline" in handler.__dict__:
+        return bool(handler.__dict__["run_inline"])
+    ours = _Hardened.__dict__["run_inline"]
+    for klass in type(handler).__mro__:
+        value = vars(klass).get("run_inline", ours)
+        if value is not ours:
+            return value if isinstance(value, bool) else False
+    return False
+
+
+def _with_mode(options: Options, mode: str) -> Options:
+    from dataclasses import replace
+
+    return replace(options, mode=cast(Any, mode))
+
+
+def _class_resolver(handler: Any) -> Callable[[str], Callable[..., Any]]:
+    cls = type(handler)
+    originals: Mapping[str, Any] = cls._sc_resolved
+
+    def resolve(hook: str) -> Callable[..., Any]:
+        original = originals.get(hook)
+        if original is None:
+            return cast(Callable[..., Any], getattr(handler, hook))
+        return cast(Callable[..., Any], original.__get__(handler, cls))
+
+    return resolve
+
+
+# --- recorders -------------------------------------------------------------------
+
+
+def _recorder(hook: str, original: Any) -> Callable[..., Any]:
+    """The method LangChain calls in place of ``hook``: record the event and return.
+
+    The two common cases are inlined here: offload with room in the queue (one
+    append, no call into the engine) and inline (call the hook in the caller,
+    count it). Everything else goes through ``Dispatcher.record``.
+    """
+    owner: list[type] = []
+    plain = isinstance(original, FunctionType)
+    is_async = is_async_callable(original)
+    settles = hook in ROOT_END_HOOKS
+
+    def recorder(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cls = type(self)
+        if cls is not owner[0] and getattr(cls, hook) is not recorder:
+            # Reached through super() from a subclass's own hook body, which is
+            # being delivered right now: run the original, do not record again.
+            return original.__get__(self, cls)(*args, **kwargs)
+        core = self.__dict__.get("_sc_core")
+        if core is None or core.target is not self:
+            core = _bind(self)
+        lane = core.fast_lane
+        if lane is not None:
+            next(lane.emitted)
+            item = (hook, args, kwargs, copy_context(), monotonic(), None)
+            if len(lane.queue) >= lane.max_queue:
+                lane.overflow(item)
+            else:
+                lane.queue.append(item)
+                if not lane.scheduled:
+                    lane.kick()
+        elif core.inline_ready and not is_async:
+            next(core.emitted)
+            try:
+                call = original.__get__(self, cls) if not plain else None
+                if core.bare_run_inline or not _compat.called_by_async_manager():
+                    result = original(self, *args, **kwargs) if call is None else call(*args, **kwargs)
+                else:
+                    # Bare, LangChain would run it in an executor with a copy of the
+                    # context: context it sets must not leak into the caller's.
+                    runner = copy_context().run
+                    result = (
+                        runner(original, self, *args, **kwargs)
+                        if call is None
+                        else runner(call, *args, **kwargs)
+                    )
+                if result is not None and hasattr(result, "__await__"):
+                    core.await_elsewhere(result, None)
+            except BaseException as exc:
+                core.inline_failed(hook, exc, args, kwargs)
+                return None
+            next(core.inline_counts[hook])
+            if core.breaker.consecutive:
+                core.observer.outcome(True)
+            return None
+        else:
+            core.record(hook, args, kwargs)
+        if settles and core.options.settle and kwargs.get("parent_run_id") is None:
+            if core.options.mode == "offload":
+                core.settle_now()
+        return None
+
+    recorder.__name__ = hook
+    recorder.__qualname__ = getattr(original, "__qualname__", hook)
+    recorder.__doc__ = getattr(original, "__doc__", None)
+    recorder._sc_owner = owner  # type: ignore[attr-defined]
+    return recorder
+
+
+async def _coroutine_shape(*args: Any, **kwargs: Any) -> None:
+    """Never called: lends its code object to ``_AwaitedHook``."""
+
+
+class _AwaitedHook:
+    """A hook LangChain's async manager must await, shaped like a coroutine function.
+
+    LangChain awaits hooks that look like coroutine functions (it checks the
+    code flags, or asyncio's marker on older cores) and calls the rest in
+    place; its sync manager calls every hook and runs whatever coroutine comes
+    back on a throwaway event loop. So this returns a coroutine only when
+    LangChain's async manager is the caller; from the sync manager it records
+    like any other hook and returns None.
+    """
+
+    __code__ = _coroutine_shape.__code__
+    __defaults__ = None
+    __kwdefaults__ = None
+    _is_coroutine = _compat.COROUTINE_MARKER
+
+    def __init__(
+        self,
+        handler: Any,
+        core: Dispatcher,
+        hook: str,
+        recorder: Callable[..., Any],
+        records: bool,
+    ) -> None:
+        self.handler = handler
+        self.core = core
+        self.recorder = recorder
+        self.records = records
+        self.__name__ = self.__qualname__ = hook
+        self.__annotations__: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _compat.called_by_async_manager():
+            if self.records:
+                return self.core.adeliver(self.__name__, args, kwargs)
+            return self.core.asettle_after(kwargs)
+        return self.recorder(self.handler, *args, **kwargs)
+
+
+class _HookAttribute:
+    """Class attribute for a hook that LangChain's async manager may have to await.
+
+    Inline handlers' async hooks are awaited in the caller's task, as LangChain
+    would await them bare; with ``settle``, the ends of root runs are awaited
+    so the backlog can settle without blocking the loop. Otherwise it is the
+    plain recorder.
+    """
+
+    def __init__(self, hook: str, recorder: Callable[..., Any], records: bool = True) -> None:
+        self.hook = hook
+        self.recorder = recorder
+        self.records = records
+        self._sc_owner = recorder._sc_owner  # type: ignore[attr-defined]
+        self.__doc__ = recorder.__doc__
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self.recorder
+        core = engine(obj)
+        if self.hook in core.awaited_hooks:
+            return _AwaitedHook(obj, core, self.hook, self.recorder, self.records)
+        return MethodType(self.recorder, obj)
+
+
+def _is_settler(value: Any) -> bool:
+    return isinstance(value, _HookAttribute) and not value.records
+
+
+def _settler(hook: str) -> _HookAttribute:
+    """An end hook the handler does not implement: nothing to deliver, but with
+    ``settle`` the end of a root run still waits for the handler's backlog."""
+
+    def settle(self: Any, *args: Any, **kwargs: Any) -> None:
+        core = engine(self)
+        if core.options.settle and core.options.mode == "offload":
+            if kwargs.get("parent_run_id") is None:
+                core.settle_now()
+
+    settle.__name__ = hook
+    settle._sc_owner = []  # type: ignore[attr-defined]
+    return _HookAttribute(hook, settle, records=False)
+
+
+# --- hardening a class -----------------------------------------------------------
+
+_BASE_FLAGS = {flag: BaseCallbackHandler.__dict__[flag] for flag in IGNORE_FLAGS}
+
+
+def _isolated_flag(flag: str, original: Any) -> property:
+    """An ``ignore_*`` property that can never raise into LangChain."""
+
+    def safe(self: Any) -> bool:
+        try:
+            return bool(original.__get__(self, type(self)))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            engine(self).observer.announce_once(
+                f"flag:{flag}", "ignore_flag_failed", flag=flag, error_type=type(exc).__qualname__
+            )
+            return False
+
+    guarded = property(safe, doc=f"{flag}, read from the handler's own definition, never raising.")
+    safe._sc_flag = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _is_guarded(value: Any) -> bool:
+    return isinstance(value, property) and getattr(value.fget, "_sc_flag", False)
+
+
+def harden_class_body(cls: type) -> None:
+    """Give ``cls`` a recorder for every hook it implements, its own or inherited."""
+    originals: dict[str, Any] = {}
+    for hook, value in implemented_hooks(cls, look_past=_is_settler).items():
+        if getattr(value, "_sc_owner", None) is not None:
+            continue  # already a recorder, from a hardened base
+        originals[hook] = value
+        recorder = _recorder(hook, value)
+        recorder._sc_owner.append(cls)  # type: ignore[attr-defined]
+        needs_attribute = is_async_callable(value) or hook in ROOT_END_HOOKS
+        setattr(cls, hook, _HookAttribute(hook, recorder) if needs_attribute else recorder)
+    for hook in ROOT_END_HOOKS:
+        current = inspect.getattr_static(cls, hook, None)
+        if hook not in originals and getattr(current, "_sc_owner", None) is None:
+            setattr(cls, hook, _settler(hook))
+    for attr in ("raise_error", "run_inline"):  # never re-raise, never hop threads
+        setattr(cls, attr, _Hardened.__dict__[attr])
+    for flag in IGNORE_FLAGS:
+        value = inspect.getattr_static(cls, flag, None)
+        if isinstance(value, property) and value is not _BASE_FLAGS[flag] and not _is_guarded(value):
+            setattr(cls, flag, _isolated_flag(flag, value))
+    cls._sc_originals = originals  # type: ignore[attr-defined]
+    resolved: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        resolved.update(klass.__dict__.get("_sc_originals", {}))
+    cls._sc_resolved = resolved  # type: ignore[attr-defined]
+
+
+def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``__new__`` of hardened classes: place the engine's stand-in before ``__init__`` runs.
+
+    A handler made by a method of a hardened handler of the same class
+    (``self.__class__(...)``, as ``LangChainTracer.copy_with_metadata_defaults``
+    does) joins that handler's family and takes its options.
+    """
+    new: Any = object.__new__
+    for klass in cls.__mro__:
+        found = klass.__dict__.get("__new__")
+        if found is not None and getattr(found, "__func__", found) is not _hardened_new:
+            new = getattr(found, "__func__", found)
+            break
+    instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
+    maker = _compat.constructing_self()
+    if type(maker) is cls:
+        parent = engine(maker)
+        made = make_engine(instance, parent.requested, parent)
+    else:
+        made = make_engine(instance, cast(Any, cls)._sc_default_options)
+    try:
+        instance.__dict__["_sc_core"] = made
+    except AttributeError:  # pragma: no cover - no __dict__: bound on first use
+        pass
+    return instance
+
+
+class _HardenedClassBase(_Hardened):
+    """Hooks defined in a subclass body, or inherited, are hardened; the engine is per instance.
+
+    Shared by ``SafeHandler`` and by the classes ``harden`` makes from a handler class.
+    """
+
+    __slots__ = ()
+    _sc_default_options: Options = make_options()
+    _sc_resolved: Mapping[str, Any] = {}
+    __new__ = _hardened_new  # type: ignore[assignment]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        harden_class_body(cls)
+
+
+_classes: dict[tuple[type, Options], type] = {}
+_classes_lock = threading.Lock()
+
+
+def hardened_class(cls: type, options: Options | None = None) -> type:
+    """The hardened subclass of ``cls`` (one per class and default options)."""
+    defaults = options if options is not None else make_options()
+    key = (cls, defaults)
+    with _classes_lock:
+        found = _classes.get(key)
+        if found is not None:
+            return found
+        namespace: dict[str, Any] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__slots__": (),
+            "__new__": _hardened_new,
+            "_sc_default_options": defaults,
+            "_sc_wrapped_class": cls,
+        }
+        made = type(cls.__name__, (cls, _HardenedClassBase), namespace)
+        if "_sc_originals" not in made.__dict__:  # cls's own __init_subclass__ skipped ours
+            harden_class_body(made)
+        _classes[key] = made
+        return made
+
+
+def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
+    """Make ``handler`` an instance of its hardened class, with its own options."""
+    hardened = hardened_class(type(handler))
+    with _CORE_LOCK:
+        try:
+            handler.__class__ = hardened
+        except TypeError as exc:
+            raise TypeError(
+                f"cannot harden {type(handler).__qualname__} in place ({exc}); "
+                "harden its class instead: harden(SomeHandler)"
+            ) from None
+        handler.__dict__["_sc_core"] = make_engine(handler, options)

@@ -1,0 +1,177 @@
+"""``install()`` / ``uninstall()``: harden every handler that reaches a LangChain callback manager.
+
+Every manager a run uses is built by langchain-core's ``_configure`` (config
+callbacks, the tracer ``LANGSMITH_TRACING`` adds, configure hooks such as
+``get_usage_metadata_callback``, tracers instrumentors inject while the
+manager is built); handlers added later go through ``add_handler``. Both are
+patched to harden each handler in place once, by the same per-kind policy and
+plumbing rule as ``harden_config``. Hardening in place keeps LangChain's own
+de-duplication (by ``isinstance`` and by identity) working, so nothing is
+added twice. Nothing here runs on the token path: only when managers are built.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
+
+from . import _compat
+from ._hardened import _Hardened, engine, harden_in_place
+from ._options import Options, make_options
+from ._policy import dotted_name, is_plumbing
+
+
+class _Installed:
+    def __init__(
+        self,
+        options: Options,
+        overrides: dict[str, Options],
+        configure: Any,
+        add_handler: Any,
+    ) -> None:
+        self.options = options
+        self.overrides = overrides
+        self.configure = configure
+        self.add_handler = add_handler
+        self.hardened: weakref.WeakSet[BaseCallbackHandler] = weakref.WeakSet()
+
+    def options_for(self, cls: type) -> Options:
+        for klass in cls.__mro__:
+            found = self.overrides.get(dotted_name(klass))
+            if found is not None:
+                return found
+        return self.options
+
+
+_lock = threading.RLock()
+_installed: _Installed | None = None
+
+
+def _harden(handler: Any) -> None:
+    state = _installed
+    if state is None or not isinstance(handler, BaseCallbackHandler):
+        return
+    if isinstance(handler, _Hardened) or is_plumbing(type(handler)):
+        return
+    with _lock:
+        if isinstance(handler, _Hardened):
+            return
+        harden_in_place(handler, state.options_for(type(handler)))
+        state.hardened.add(handler)
+
+
+def _harden_manager(manager: Any) -> None:
+    for handler in [*getattr(manager, "handlers", ()), *getattr(manager, "inheritable_handlers", ())]:
+        _harden(handler)
+
+
+def _overrides(given: Mapping[Any, Mapping[str, Any]] | None, base: dict[str, Any]) -> dict[
+    str, Options
+]:
+    found: dict[str, Options] = {}
+    for key, per_class in (given or {}).items():
+        if isinstance(key, type):
+            name = dotted_name(key)
+        elif isinstance(key, str) and key.strip():
+            name = key.strip()
+        else:
+            raise TypeError(
+                f"install(overrides=...): keys must be handler classes or dotted class names, "
+                f"got {key!r}"
+            )
+        if not isinstance(per_class, Mapping):
+            raise TypeError(
+                f"install(overrides=...): the options for {name} must be a dict, got {per_class!r}"
+            )
+        found[name] = make_options(**{**base, **per_class})
+    return found
+
+
+def install(*, overrides: Mapping[Any, Mapping[str, Any]] | None = None, **options: Any) -> None:
+    """Harden every handler that reaches a LangChain callback manager, from anywhere.
+
+    One call at start-up. ``options`` apply to every handler (with ``mode="auto"``
+    choosing inline or offload per kind); ``overrides`` maps a handler class
+    (or its dotted name) to options for it and its subclasses, e.g.
+    ``install(overrides={LangChainTracer: {"mode": "offload"}})``. Calling it
+    again replaces the options for handlers met from then on. Idempotent.
+    """
+    global _installed
+    resolved = make_options(**options)
+    per_class = _overrides(overrides, options)
+    with _lock:
+        if _installed is not None:
+            _installed.options, _installed.overrides = resolved, per_class
+            return
+        configure = _compat.configure_function()
+        add_handler = BaseCallbackManager.add_handler
+        _installed = _Installed(resolved, per_class, configure, add_handler)
+        _compat.set_configure_function(_hardening_configure(configure))
+        BaseCallbackManager.add_handler = _hardening_add_handler(add_handler)  # type: ignore[method-assign]
+
+
+def _hardening_configure(configure: Any) -> Any:
+    @functools.wraps(configure)
+    def configure_and_harden(*args: Any, **kwargs: Any) -> Any:
+        manager = configure(*args, **kwargs)
+        if _installed is not None:
+            _harden_manager(manager)
+        return manager
+
+    configure_and_harden._sc_patch = True  # type: ignore[attr-defined]
+    return configure_and_harden
+
+
+def _hardening_add_handler(add_handler: Any) -> Any:
+    @functools.wraps(add_handler)
+    def add_handler_hardened(self: Any, handler: Any, inherit: bool = True) -> None:
+        if _installed is not None:
+            _harden(handler)
+        add_handler(self, handler, inherit)
+
+    add_handler_hardened._sc_patch = True  # type: ignore[attr-defined]
+    return add_handler_hardened
+
+
+def uninstall(timeout: float = 5.0) -> None:
+    """Undo ``install()``: stop hardening, and give the handlers it hardened back their class.
+
+    Their pending events are flushed first (up to ``timeout`` seconds in all).
+    Handlers hardened explicitly (``harden``, ``harden_config``, ``SafeHandler``)
+    stay hardened.
+    """
+    global _installed
+    with _lock:
+        state, _installed = _installed, None
+        if state is None:
+            return
+        if getattr(_compat.configure_function(), "_sc_patch", False):
+            _compat.set_configure_function(state.configure)
+        if getattr(BaseCallbackManager.add_handler, "_sc_patch", False):
+            BaseCallbackManager.add_handler = state.add_handler  # type: ignore[method-assign]
+        handlers = list(state.hardened)
+    for handler in handlers:
+        _restore(handler, timeout)
+
+
+def _restore(handler: Any, timeout: float) -> None:
+    original = getattr(type(handler), "_sc_wrapped_class", None)
+    if original is None:
+        return
+    core = engine(handler)
+    core.close(timeout)
+    try:
+        handler.__class__ = original
+    except TypeError:  # pragma: no cover - same layout by construction
+        return
+    handler.__dict__.pop("_sc_core", None)
+
+
+def installed() -> bool:
+    """Whether ``install()`` is in effect."""
+    return _installed is not None
