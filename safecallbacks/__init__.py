@@ -14,6 +14,8 @@ problem they solve.
 
 from __future__ import annotations
 
+import contextlib
+
 __version__ = "0.2.0"
 
 from ._handler import (
@@ -56,8 +58,6 @@ __all__ = [
 for _name in __all__:
     _public = globals()[_name]
     if hasattr(_public, "__module__") and not isinstance(_public, str):
-        try:
+        with contextlib.suppress(AttributeError, TypeError):  # builtins keep theirs
             _public.__module__ = __name__
-        except (AttributeError, TypeError):  # pragma: no cover - builtins
-            pass
 del _name, _public

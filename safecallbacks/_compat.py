@@ -11,6 +11,7 @@ Nothing here runs on the token path except ``get_running_loop`` and
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from types import CodeType, FrameType
 from typing import Any
@@ -20,17 +21,20 @@ import langchain_core.callbacks.manager as _lc_manager
 get_running_loop = asyncio._get_running_loop
 """The running loop of this thread or None, without raising (a C fast path)."""
 
-try:  # langchain-core marks handlers that feed astream_events/astream_log/LangGraph streams
-    from langchain_core.tracers._streaming import _StreamingCallbackHandler as _streaming
-except ImportError:  # pragma: no cover - very old langchain-core
-    _streaming = None
-STREAMING_HANDLER_BASE: Any = _streaming
 
-try:  # langchain-core >= 1.x: handlers that want on_stream_event
-    from langchain_core.tracers._streaming import _V2StreamingCallbackHandler as _v2
-except ImportError:  # pragma: no cover - langchain-core 0.3
-    _v2 = None
-V2_STREAMING_BASE: Any = _v2
+def _streaming_name(name: str) -> Any:
+    try:
+        module = importlib.import_module("langchain_core.tracers._streaming")
+    except ImportError:  # pragma: no cover - very old langchain-core
+        return None
+    return getattr(module, name, None)
+
+
+STREAMING_HANDLER_BASE: Any = _streaming_name("_StreamingCallbackHandler")
+"""langchain-core's mark of handlers that feed astream_events/astream_log/LangGraph streams."""
+
+V2_STREAMING_BASE: Any = _streaming_name("_V2StreamingCallbackHandler")
+"""langchain-core >= 1.x: handlers that want on_stream_event (None on 0.3)."""
 
 _async_event_runner = getattr(_lc_manager, "_ahandle_event_for_handler", None)
 ASYNC_MANAGER_CODE: CodeType | None = getattr(_async_event_runner, "__code__", None)
@@ -69,7 +73,7 @@ def constructing_self(depth: int = 1) -> object | None:
     made it (``self.__class__(...)`` in ``copy_with_metadata_defaults``).
     """
     frame = _frame(depth + 1)
-    if frame is None or not frame.f_code.co_varnames[:1] == ("self",):
+    if frame is None or frame.f_code.co_varnames[:1] != ("self",):
         return None
     return frame.f_locals.get("self")
 
@@ -93,4 +97,4 @@ def configure_function() -> Any:
 
 
 def set_configure_function(function: Any) -> None:
-    _lc_manager._configure = function  # type: ignore[attr-defined]
+    _lc_manager._configure = function

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeAlias
@@ -74,6 +74,8 @@ IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 _MAX_STOP_MARKS = 1_000
 _START_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith("_start"))
 _MAX_PARENTS = 10_000
+PLAIN_RESULTS: set[type] = {type(None), bool, int, str}
+"""Types a hook returned that are known not to be awaitable (checked once per type)."""
 ROOT_END_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith(("_end", "_error")))
 """Hooks that can end a root run: where ``settle`` waits for the backlog."""
 
@@ -323,7 +325,7 @@ class _ThreadLane(_Lane):
                 kind: str | None = None
                 try:
                     result = context.run(call, *args, **kwargs)
-                    if result is not None and hasattr(result, "__await__"):
+                    if result is not None and isinstance(result, Awaitable):
                         context.run(core.await_elsewhere, result, loop)
                 except StopStream as stop:
                     core.mark_stop(run_id, stop)
@@ -492,6 +494,7 @@ class Dispatcher:
         self.has_async = has_async
         self.observer = Observer(name, options)
         self.observer.on_breaker_change = self._refresh_fast_lane
+        self.observer.on_success = self._succeeded
         self.emitted = self.observer.emitted
         self.breaker = self.observer.breaker
         self.closed = False
@@ -512,8 +515,12 @@ class Dispatcher:
         self.fast_lane: _Lane | None = None
         self.inline_ready = False
         self.bare_run_inline = False  # set by the hardened surface from the handler's class
+        self.failing = False  # some failure since the last success: a success resets the breaker
         self._refresh_fast_lane()
         _registry.add(self)
+
+    def _succeeded(self) -> None:
+        self.failing = False
 
     def _awaited_hooks(self, async_hooks: frozenset[str], hooks: frozenset[str]) -> frozenset[str]:
         """Hooks LangChain's async manager must await rather than call."""
@@ -633,7 +640,7 @@ class Dispatcher:
         error: BaseException | None = None
         try:
             result = call_hook(self.resolve, self.target, hook, args, kwargs)
-            if result is not None and hasattr(result, "__await__"):
+            if result is not None and isinstance(result, Awaitable):
                 self.await_elsewhere(result, None)
         except BaseException as exc:
             if passes_through_caller(exc):
@@ -642,10 +649,28 @@ class Dispatcher:
             error = exc
         self._commit_one(hook, run_id, error, started, started, args, kwargs)
 
+    def inline_result(
+        self, hook: str, result: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """The inline fast path's hook returned something: an awaitable is run to its end."""
+        if not isinstance(result, Awaitable):
+            if len(PLAIN_RESULTS) < 256:
+                PLAIN_RESULTS.add(type(result))  # e.g. a tracer's Run: never check it again
+            next(self.inline_counts[hook])
+            return
+        try:
+            self.await_elsewhere(result, None)
+        except BaseException as exc:
+            self.inline_failed(hook, exc, args, kwargs)
+            return
+        next(self.inline_counts[hook])
+
     def inline_failed(
         self, hook: str, exc: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """The inline fast path's handler raised ``exc``: account, fall back, or pass it on."""
+        next(self.emitted)
+        self.failing = True
         run_id = kwargs.get("run_id")
         at = _now()
         if hook == "on_chat_model_start" and isinstance(exc, NotImplementedError):
@@ -942,6 +967,7 @@ class Dispatcher:
             if count:
                 inline.counts[(hook, None)] = count
         return self.observer.snapshot(
+            sum(inline.counts.values()),
             self.options.mode,
             queued,
             depth,

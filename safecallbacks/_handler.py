@@ -120,8 +120,10 @@ def harden(target: Any = _UNSET, /, **options: Any) -> Any:
 
 
 def _not_a_handler(target: Any) -> TypeError:
-    what = f"the class {target.__qualname__}" if isinstance(target, type) else (
-        f"{type(target).__qualname__}: {target!r:.80}"
+    what = (
+        f"the class {target.__qualname__}"
+        if isinstance(target, type)
+        else (f"{type(target).__qualname__}: {target!r:.80}")
     )
     return TypeError(
         "harden() expects a LangChain callback handler or handler class "
@@ -156,9 +158,11 @@ def _harden_one(target: Any, options: Options, explicit: bool) -> Any:
 
 
 def _differences(current: Options, wanted: Options) -> str:
-    names = [name for name in current.__dataclass_fields__ if getattr(current, name) != getattr(
-        wanted, name
-    )]
+    names = [
+        name
+        for name in current.__dataclass_fields__
+        if getattr(current, name) != getattr(wanted, name)
+    ]
     return ", ".join(f"{n}={getattr(current, n)!r}, not {getattr(wanted, n)!r}" for n in names)
 
 

@@ -14,7 +14,9 @@ async manager may have to await.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from contextvars import copy_context
@@ -25,13 +27,16 @@ from typing import Any, TypeVar, cast
 from langchain_core.callbacks import BaseCallbackHandler
 
 from . import _compat
-from ._dispatch import ROOT_END_HOOKS, Dispatcher, Unbound
+from ._dispatch import PLAIN_RESULTS, ROOT_END_HOOKS, Dispatcher, Unbound
 from ._hooks import IGNORE_FLAGS, class_hooks, implemented_hooks, is_async_callable
 from ._options import Options, make_options
 from ._policy import auto_mode
 from ._stats import Stats
 
 _CORE_LOCK = threading.RLock()
+_getframe = sys._getframe
+_ASYNC_MANAGER_CODE = _compat.ASYNC_MANAGER_CODE
+_PLAIN_RESULTS = PLAIN_RESULTS
 _T = TypeVar("_T", bound="_Hardened")
 
 
@@ -167,7 +172,7 @@ def make_engine(handler: Any, requested: Options, parent: Dispatcher | None = No
 
 
 def _bare_run_inline(handler: Any) -> bool:
-    """What ``run_inline`` the handler would have bare (instance value first, as LangChain reads)."""
+    """The ``run_inline`` the handler would have bare (instance value first, as LangChain reads)."""
     if "run_inline" in handler.__dict__:
         return bool(handler.__dict__["run_inline"])
     ours = _Hardened.__dict__["run_inline"]
@@ -207,7 +212,7 @@ def _recorder(hook: str, original: Any) -> Callable[..., Any]:
     append, no call into the engine) and inline (call the hook in the caller,
     count it). Everything else goes through ``Dispatcher.record``.
     """
-    owner: list[type] = []
+    owner: list[type] = []  # the class whose body this recorder stands in
     plain = isinstance(original, FunctionType)
     is_async = is_async_callable(original)
     settles = hook in ROOT_END_HOOKS
@@ -218,8 +223,11 @@ def _recorder(hook: str, original: Any) -> Callable[..., Any]:
             # Reached through super() from a subclass's own hook body, which is
             # being delivered right now: run the original, do not record again.
             return original.__get__(self, cls)(*args, **kwargs)
-        core = self.__dict__.get("_sc_core")
-        if core is None or core.target is not self:
+        try:
+            core = self._sc_core
+            if core.target is not self:
+                core = _bind(self)
+        except AttributeError:
             core = _bind(self)
         lane = core.fast_lane
         if lane is not None:
@@ -232,34 +240,30 @@ def _recorder(hook: str, original: Any) -> Callable[..., Any]:
                 if not lane.scheduled:
                     lane.kick()
         elif core.inline_ready and not is_async:
-            next(core.emitted)
             try:
-                call = original.__get__(self, cls) if not plain else None
-                if core.bare_run_inline or not _compat.called_by_async_manager():
-                    result = original(self, *args, **kwargs) if call is None else call(*args, **kwargs)
+                if core.bare_run_inline or _getframe(1).f_code is not _ASYNC_MANAGER_CODE:
+                    if plain:
+                        result = original(self, *args, **kwargs)
+                    else:
+                        result = original.__get__(self, cls)(*args, **kwargs)
                 else:
                     # Bare, LangChain would run it in an executor with a copy of the
                     # context: context it sets must not leak into the caller's.
-                    runner = copy_context().run
-                    result = (
-                        runner(original, self, *args, **kwargs)
-                        if call is None
-                        else runner(call, *args, **kwargs)
-                    )
-                if result is not None and hasattr(result, "__await__"):
-                    core.await_elsewhere(result, None)
+                    result = copy_context().run(original.__get__(self, cls), *args, **kwargs)
             except BaseException as exc:
                 core.inline_failed(hook, exc, args, kwargs)
                 return None
-            next(core.inline_counts[hook])
-            if core.breaker.consecutive:
+            if result is not None and type(result) not in _PLAIN_RESULTS:
+                core.inline_result(hook, result, args, kwargs)
+                return None
+            next(core.inline_counts[hook])  # emitted and delivered in one count
+            if core.failing:
                 core.observer.outcome(True)
             return None
         else:
             core.record(hook, args, kwargs)
         if settles and core.options.settle and kwargs.get("parent_run_id") is None:
-            if core.options.mode == "offload":
-                core.settle_now()
+            core.settle_now()
         return None
 
     recorder.__name__ = hook
@@ -347,9 +351,8 @@ def _settler(hook: str) -> _HookAttribute:
 
     def settle(self: Any, *args: Any, **kwargs: Any) -> None:
         core = engine(self)
-        if core.options.settle and core.options.mode == "offload":
-            if kwargs.get("parent_run_id") is None:
-                core.settle_now()
+        if core.options.settle and kwargs.get("parent_run_id") is None:
+            core.settle_now()
 
     settle.__name__ = hook
     settle._sc_owner = []  # type: ignore[attr-defined]
@@ -403,7 +406,11 @@ def harden_class_body(cls: type) -> None:
         setattr(cls, attr, _Hardened.__dict__[attr])
     for flag in IGNORE_FLAGS:
         value = inspect.getattr_static(cls, flag, None)
-        if isinstance(value, property) and value is not _BASE_FLAGS[flag] and not _is_guarded(value):
+        if (
+            isinstance(value, property)
+            and value is not _BASE_FLAGS[flag]
+            and not _is_guarded(value)
+        ):
             setattr(cls, flag, _isolated_flag(flag, value))
     cls._sc_originals = originals  # type: ignore[attr-defined]
     resolved: dict[str, Any] = {}
@@ -432,10 +439,8 @@ def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
         made = make_engine(instance, parent.requested, parent)
     else:
         made = make_engine(instance, cast(Any, cls)._sc_default_options)
-    try:
+    with contextlib.suppress(AttributeError):  # no __dict__: bound on first use
         instance.__dict__["_sc_core"] = made
-    except AttributeError:  # pragma: no cover - no __dict__: bound on first use
-        pass
     return instance
 
 
@@ -448,7 +453,7 @@ class _HardenedClassBase(_Hardened):
     __slots__ = ()
     _sc_default_options: Options = make_options()
     _sc_resolved: Mapping[str, Any] = {}
-    __new__ = _hardened_new  # type: ignore[assignment]
+    __new__ = _hardened_new
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -66,13 +66,16 @@ def _harden(handler: Any) -> None:
 
 
 def _harden_manager(manager: Any) -> None:
-    for handler in [*getattr(manager, "handlers", ()), *getattr(manager, "inheritable_handlers", ())]:
+    for handler in [
+        *getattr(manager, "handlers", ()),
+        *getattr(manager, "inheritable_handlers", ()),
+    ]:
         _harden(handler)
 
 
-def _overrides(given: Mapping[Any, Mapping[str, Any]] | None, base: dict[str, Any]) -> dict[
-    str, Options
-]:
+def _overrides(
+    given: Mapping[Any, Mapping[str, Any]] | None, base: dict[str, Any]
+) -> dict[str, Options]:
     found: dict[str, Options] = {}
     for key, per_class in (given or {}).items():
         if isinstance(key, type):

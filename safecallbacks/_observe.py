@@ -328,6 +328,7 @@ class Observer:
         self._log = _FailureLog(name, options, clock)
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         self.on_breaker_change: Callable[[], None] | None = None
+        self.on_success: Callable[[], None] | None = None
 
     # --- emitting side ---------------------------------------------------
 
@@ -389,6 +390,8 @@ class Observer:
     def outcome(self, ok: bool) -> None:
         """Feed one result to the breaker at once (counts wait for ``commit``)."""
         breaker = self.breaker
+        if ok and self.on_success is not None:
+            self.on_success()
         if ok and breaker.state == "closed":
             breaker.consecutive = 0
             return
@@ -500,6 +503,7 @@ class Observer:
 
     def snapshot(
         self,
+        inline_events: int,
         mode: str,
         queued: Mapping[str, int],
         queue_depth: int,
@@ -508,7 +512,11 @@ class Observer:
         closed: bool,
         live: Callable[[], Iterable[Batch]] = tuple,
     ) -> Stats:
-        """A consistent snapshot; ``live`` yields the batches consumers are still filling."""
+        """A consistent snapshot; ``live`` yields the batches consumers are still filling.
+
+        ``inline_events`` were emitted and delivered on the inline fast path,
+        which counts both with one counter.
+        """
         with self._lock:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
             for batch in live():
@@ -519,7 +527,7 @@ class Observer:
             duration = self._duration.summary()
             lag = self._lag.summary()
             breaker = self.breaker.state if self.breaker.threshold is not None else "disabled"
-        emitted = count_value(self.emitted)
+        emitted = count_value(self.emitted) + inline_events
         totals = [sum(row[i] for row in rows.values()) for i in range(4)]
         per_hook = {}
         for hook in set(rows) | set(queued):
@@ -563,6 +571,6 @@ class Observer:
         self.clock = self.breaker.clock = self._log.clock = clock
 
     def reset_after_fork(self) -> None:
-        callback = self.on_breaker_change
+        callbacks = self.on_breaker_change, self.on_success
         self.__init__(self.name, self.options, self.clock)  # type: ignore[misc]
-        self.on_breaker_change = callback
+        self.on_breaker_change, self.on_success = callbacks

@@ -123,7 +123,7 @@ def test_harden_instance_hardens_the_handler_itself_once() -> None:
     safe = harden(recorder, max_queue=7)
     assert safe is recorder and isinstance(safe, RecordingHandler)
     assert harden(recorder) is safe and harden(safe, max_queue=7) is safe
-    with pytest.raises(ValueError, match="already hardened with other options.*max_queue=7"):
+    with pytest.raises(ValueError, match=r"already hardened with other options.*max_queue=7"):
         harden(recorder, max_queue=5)
 
 
@@ -309,7 +309,7 @@ async def test_harden_config_leaves_langchains_streaming_plumbing_alone() -> Non
 
     plumbing = LogStreamCallbackHandler()
     assert harden_config({"callbacks": [plumbing]})["callbacks"] == [plumbing]
-    with pytest.raises(TypeError, match="own machinery.*cannot be hardened"):
+    with pytest.raises(TypeError, match=r"own machinery.*cannot be hardened"):
         harden(plumbing)
 
 

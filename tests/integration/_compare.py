@@ -70,7 +70,7 @@ def differences(bare: Any, hardened: Any, path: str = "$") -> list[str]:
         if len(bare) != len(hardened):
             return [f"{path}: {len(bare)} items bare, {len(hardened)} hardened"]
         found = []
-        for index, (a, b) in enumerate(zip(bare, hardened)):
+        for index, (a, b) in enumerate(zip(bare, hardened, strict=True)):
             found.extend(differences(a, b, f"{path}[{index}]"))
         return found
     if bare != hardened:

@@ -254,6 +254,37 @@ def test_error_spans_hardened_equal_bare(
     assert_hardened_tracer(otel, probe)
 
 
+@pytest.mark.parametrize("method", ["invoke", "astream"])
+@pytest.mark.parametrize("key", INSTRUMENTORS)
+def test_uninstall_gives_the_instrumentor_its_tracer_back(
+    make_otel: Callable[..., Otel], key: str, method: str
+) -> None:
+    """install() -> run -> uninstall() -> run: the instrumentor keeps tracing, with its own
+    tracer class again, one tracer per run and the same spans as before install()."""
+    otel = make_otel(key)
+    trees = []
+    for phase in ("bare", "installed", "uninstalled"):
+        if phase == "installed":
+            safecallbacks.install()
+        probe = Probe()
+        try:
+            outcome = run_chain(build_chain(probe), method)
+            if phase == "installed":
+                assert_hardened_tracer(otel, probe)
+        finally:
+            if phase == "installed":
+                safecallbacks.uninstall()
+        assert outcome.error is None, f"{phase} run failed: {outcome.error!r}"
+        tracers = probe.tracers(otel.tracer_class)
+        assert len(tracers) == 1, f"{phase}: {tracers!r}"
+        if phase != "installed":
+            assert type(tracers[0]) is otel.tracer_class, f"{phase}: {type(tracers[0])!r}"
+        trees.append(span_tree(otel.finished()))
+        otel.exporter.clear()
+    assert_same(trees[0], trees[1])
+    assert_same(trees[0], trees[2])
+
+
 # ---------------------------------------------------------------------------- 2
 
 
