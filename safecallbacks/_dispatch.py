@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from ._hooks import ERROR_HOOKS, HOOKS, is_async_callable
 from ._isolation import (
@@ -159,6 +159,9 @@ class _Lane:
         self.batch = Batch()  # results not yet committed to the observer
         self._space = threading.Condition(threading.Lock())
         self._space_waiters = 0
+        # Flush barriers never take an event's place: they are counted apart.
+        self._barriers_in = itertools.count()
+        self._barriers_out = itertools.count()
 
     # --- emitting side ---------------------------------------------------
 
@@ -178,9 +181,20 @@ class _Lane:
                 self.kick()
 
     def put_barrier(self, barrier: Barrier) -> None:
+        next(self._barriers_in)
         self.queue.append(barrier)
         if not self.scheduled:
             self.kick()
+
+    def took_barrier(self, barrier: Barrier) -> None:
+        """A barrier left the queue (everything before it is settled): release it."""
+        next(self._barriers_out)
+        barrier.release()
+
+    def events_queued(self) -> int:
+        """Events waiting, not counting flush barriers (exact, unlike ``len(queue)``)."""
+        barriers = count_value(self._barriers_in) - count_value(self._barriers_out)
+        return max(len(self.queue) - barriers, 0)
 
     def kick(self) -> None:
         raise NotImplementedError
@@ -190,13 +204,23 @@ class _Lane:
         core = self.core
         self.note_depth()
         policy = core.options.on_full
+        limit = core.options.max_queue
+        if self.events_queued() < limit:
+            return True  # only flush barriers made it look full
         if policy == "drop_oldest":
-            while len(self.queue) >= core.options.max_queue:
+            # Barriers met on the way go back to the front: they still wait for the event
+            # in delivery, and dropping events before them only settles those sooner.
+            kept: list[Barrier] = []
+            while self.events_queued() + len(kept) >= limit:  # kept: out of the queue
                 try:
                     oldest = self.queue.popleft()
                 except IndexError:
                     break
-                self._discard(oldest, "queue_full")
+                if oldest.__class__ is Barrier:
+                    kept.append(cast(Barrier, oldest))
+                else:
+                    self._discard(oldest, "queue_full")
+            self.queue.extendleft(reversed(kept))
             return True
         if policy == "block" and self._may_block() and self._wait_for_space():
             return True
@@ -219,7 +243,7 @@ class _Lane:
 
     def _discard(self, entry: Item | Barrier, reason: str) -> None:
         if isinstance(entry, Barrier):
-            entry.release()  # everything ahead of it is gone too
+            self.took_barrier(entry)  # everything ahead of it is gone too
         else:
             self.core.observer.dropped(entry[0], reason=reason)
 
@@ -239,7 +263,7 @@ class _Lane:
             except IndexError:
                 break
             if isinstance(entry, Barrier):
-                entry.release()
+                self.took_barrier(entry)
             else:
                 dropped[entry[0]] += 1
         for hook, count in dropped.items():
@@ -309,7 +333,7 @@ class _ThreadLane(_Lane):
                         batch.hooks,
                         batch.counts,
                     )
-                    entry.release()
+                    self.took_barrier(entry)  # type: ignore[arg-type]
                     started = _now()
                     continue
                 hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
@@ -423,7 +447,7 @@ class _LoopLane(_Lane):
                 self._popped()
                 if isinstance(entry, Barrier):
                     batch = observer.commit(batch, self)
-                    entry.release()
+                    self.took_barrier(entry)
                     continue
                 await self.core.deliver_async(self, entry, batch)
                 if len(batch) >= 64:
@@ -437,7 +461,7 @@ class _LoopLane(_Lane):
             while self.queue and _now() < deadline:
                 entry = self.queue.popleft()
                 if isinstance(entry, Barrier):
-                    entry.release()
+                    self.took_barrier(entry)
                     continue
                 batch = Batch()
                 try:

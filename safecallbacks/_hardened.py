@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -462,6 +463,17 @@ class _HardenedClassBase(_Hardened):
 
 _classes: dict[tuple[type, Options], type] = {}
 _classes_lock = threading.Lock()
+
+
+def _locks_after_fork() -> None:
+    # A fork while another thread held one of these would leave it held forever.
+    global _CORE_LOCK, _classes_lock
+    _CORE_LOCK = threading.RLock()
+    _classes_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_locks_after_fork)
 
 
 def hardened_class(cls: type, options: Options | None = None) -> type:

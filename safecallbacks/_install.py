@@ -13,6 +13,7 @@ added twice. Nothing here runs on the token path: only when managers are built.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -50,6 +51,15 @@ class _Installed:
 
 _lock = threading.RLock()
 _installed: _Installed | None = None
+
+
+def _lock_after_fork() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_after_fork)
 
 
 def _harden(handler: Any) -> None:

@@ -111,6 +111,15 @@ _instruments_by_provider: dict[int, tuple[metrics.MeterProvider, _Instruments]] 
 _depth_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
 
 
+def _lock_after_fork() -> None:
+    global _instruments_lock
+    _instruments_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_after_fork)
+
+
 def register_depth_source(source: Callable[[], Iterable[tuple[str, int]]]) -> None:
     """Let the dispatcher report queue depths to the observable gauge."""
     _depth_sources.append(source)

@@ -16,6 +16,7 @@ path: the choice is made once, when a handler is hardened.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 
@@ -46,6 +47,15 @@ PLUMBING_PACKAGES = ("langchain_core", "langgraph")
 """A handler whose nearest class from these packages is ``_``-named is plumbing."""
 
 _lock = threading.Lock()
+
+
+def _lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_after_fork)
 
 
 def dotted_name(cls: type) -> str:

@@ -141,6 +141,8 @@ class BlockingHandler(RecordingHandler):
     """Records events, but blocks in ``hook`` until ``release()`` (a hung log sink)."""
 
     def __init__(self, hook: str = "on_llm_new_token", after: int = 0) -> None:
+        if hook not in HOOKS:
+            raise ValueError(f"BlockingHandler(hook=...) must be one of {HOOKS}, got {hook!r}")
         super().__init__()
         self.gate = threading.Event()
         self.entered = threading.Event()
@@ -151,10 +153,6 @@ class BlockingHandler(RecordingHandler):
     def release(self) -> None:
         self.gate.set()
 
-    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
-        self._block_maybe("on_llm_new_token")
-        self.record("on_llm_new_token", args, kwargs)
-
     def _block_maybe(self, hook: str) -> None:
         if hook != self.block_hook:
             return
@@ -162,6 +160,19 @@ class BlockingHandler(RecordingHandler):
         if self._seen > self.after:
             self.entered.set()
             self.gate.wait()
+
+
+def _blocking_hook(hook: str) -> Callable[..., None]:
+    def block_then_record(self: BlockingHandler, *args: Any, **kwargs: Any) -> None:
+        self._block_maybe(hook)
+        self.record(hook, args, kwargs)
+
+    block_then_record.__name__ = hook
+    return block_then_record
+
+
+for _hook in HOOKS:  # whichever hook was asked for blocks; every hook is recorded
+    setattr(BlockingHandler, _hook, _blocking_hook(_hook))
 
 
 def fake_chat_model(tokens: int = 20, replies: int = 1) -> GenericFakeChatModel:

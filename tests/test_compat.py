@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from typing import Any
 from uuid import uuid4
 
-import pytest
 from langchain_core.callbacks import (
     AsyncCallbackManagerForChainRun,
     BaseCallbackHandler,
@@ -16,6 +14,7 @@ from langchain_core.callbacks import (
 )
 
 from safecallbacks import _compat, _policy
+from tests._imports import import_or_skip
 
 
 def test_streaming_handler_base_marks_langchains_stream_plumbing() -> None:
@@ -89,8 +88,8 @@ async def _loop_inside() -> bool:
     return _compat.get_running_loop() is asyncio.get_running_loop()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("langgraph") is None, reason="langgraph not installed")
 def test_langgraphs_plumbing_names_are_where_the_rule_expects_them() -> None:
+    import_or_skip("langgraph.pregel")  # skips only where LangGraph cannot load at all
     from langgraph.pregel._messages import StreamMessagesHandler
     from langgraph.pregel._retry import _IdleProgressCallbackHandler
 

@@ -6,12 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import (
-    BaseCallbackHandler,
-    CallbackManager,
-    UsageMetadataCallbackHandler,
-    get_usage_metadata_callback,
-)
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManager
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig, RunnableLambda
@@ -19,6 +14,15 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 import safecallbacks
 from safecallbacks import _compat
 from safecallbacks.testing import RecordingHandler, fake_chat_model
+
+try:  # langchain-core >= 0.3.49
+    from langchain_core.callbacks import UsageMetadataCallbackHandler, get_usage_metadata_callback
+except ImportError:  # pragma: no cover - older langchain-core
+    UsageMetadataCallbackHandler = get_usage_metadata_callback = None  # type: ignore[assignment,misc]
+
+needs_usage = pytest.mark.skipif(
+    UsageMetadataCallbackHandler is None, reason="needs langchain-core >= 0.3.49"
+)
 
 
 @pytest.fixture
@@ -45,6 +49,7 @@ def seen_handlers(config: RunnableConfig) -> list[BaseCallbackHandler]:
     return list(manager.handlers)
 
 
+@needs_usage
 def test_config_callbacks_are_hardened_in_place_by_kind(installed: None) -> None:
     recorder, usage = RecordingHandler(), UsageMetadataCallbackHandler()
     seen: list[BaseCallbackHandler] = []
@@ -58,6 +63,7 @@ def test_config_callbacks_are_hardened_in_place_by_kind(installed: None) -> None
     assert safecallbacks.stats(recorder).delivered == len(recorder.calls) > 0
 
 
+@needs_usage
 def test_configure_hook_handlers_are_hardened_and_never_doubled(installed: None) -> None:
     with get_usage_metadata_callback() as bare_reference:
         pass  # created under install, but only hardened when a manager meets it
@@ -72,6 +78,7 @@ def test_configure_hook_handlers_are_hardened_and_never_doubled(installed: None)
     }
 
 
+@needs_usage
 def test_usage_totals_equal_bare() -> None:
     with get_usage_metadata_callback() as bare:
         usage_model().invoke("hi")

@@ -320,6 +320,66 @@ def test_forked_child_starts_fresh_and_parent_carries_on(tmp_path: Path) -> None
     assert released["emitted"] == released["delivered"] == 2 * per_stream
 
 
+FORK_WHILE_LOCKED = """
+import safecallbacks
+from safecallbacks import _hardened, _install, _observe, _policy
+from safecallbacks.testing import RecordingHandler
+
+held, release = threading.Event(), threading.Event()
+LOCKS = {
+    "core": lambda: _hardened._CORE_LOCK,
+    "classes": lambda: _hardened._classes_lock,
+    "install": lambda: _install._lock,
+    "policy": lambda: _policy._lock,
+    "instruments": lambda: _observe._instruments_lock,
+}
+
+def hold_every_lock():
+    for get in LOCKS.values():
+        get().acquire()
+    held.set()
+    release.wait()
+    for get in LOCKS.values():
+        get().release()
+
+threading.Thread(target=hold_every_lock, daemon=True).start()
+assert held.wait(10)
+pid = os.fork()
+if pid == 0:
+    # The child must be able to do everything that takes those locks.
+    class Fresh(RecordingHandler):
+        pass
+    handler = harden(Fresh(), mode="offload")
+    safecallbacks.register_inline("some.module.Tracer")
+    safecallbacks.install()
+    for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+        pass
+    ok = handler.flush(10)
+    safecallbacks.uninstall()
+    os._exit(0 if ok and len(handler.calls) == 7 else 3)
+release.set()
+deadline = time.monotonic() + 20
+status = None
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+RESULT["child_exit"] = os.waitstatus_to_exitcode(status) if done else "hung"
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_holds_a_package_lock_leaves_the_child_working(
+    tmp_path: Path,
+) -> None:
+    result = run_script(tmp_path, FORK_WHILE_LOCKED)
+    assert result["child_exit"] == 0, result
+
+
 # --------------------------------------------------------------------------------------------
 # Event loops that close with events still queued
 # --------------------------------------------------------------------------------------------

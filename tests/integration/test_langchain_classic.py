@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-streaming_aiter = pytest.importorskip(
-    "langchain_classic.callbacks.streaming_aiter",
-    reason="langchain-classic is not installed (or does not import on this langchain-core)",
-)
+from tests._imports import import_or_skip, require_langchain_core
+
+require_langchain_core("1.0", "langchain-classic 1.x")
+streaming_aiter = import_or_skip("langchain_classic.callbacks.streaming_aiter")
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun  # noqa: E402
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402

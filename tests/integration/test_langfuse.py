@@ -21,15 +21,17 @@ from typing import Any
 
 import pytest
 
+from tests._imports import import_or_skip
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("opentelemetry.sdk.trace")
 pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-langfuse = pytest.importorskip("langfuse", reason="langfuse is not installed")
+langfuse = import_or_skip("langfuse")
 if not hasattr(langfuse, "propagate_attributes"):
     pytest.skip("needs the OpenTelemetry based langfuse (>= 3)", allow_module_level=True)
 # langfuse.langchain refuses to import on langchain-core < 1 (ModuleNotFoundError).
-langfuse_langchain = pytest.importorskip("langfuse.langchain")
+langfuse_langchain = import_or_skip("langfuse.langchain")
 
 from langchain_core.language_models.fake_chat_models import (  # noqa: E402
     GenericFakeChatModel,

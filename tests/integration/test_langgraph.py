@@ -21,10 +21,10 @@ from uuid import UUID
 
 import pytest
 
-pytest.importorskip("langgraph", reason="langgraph is not installed")
-lg_callbacks = pytest.importorskip(
-    "langgraph.callbacks", reason="GraphCallbackHandler needs a newer langgraph"
-)
+from tests._imports import import_or_skip
+
+import_or_skip("langgraph")
+lg_callbacks = import_or_skip("langgraph.callbacks")
 if not hasattr(lg_callbacks, "GraphCallbackHandler"):
     pytest.skip("GraphCallbackHandler needs a newer langgraph", allow_module_level=True)
 
