@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 from ._hooks import ERROR_HOOKS, HOOKS, is_async_callable
 from ._isolation import (
@@ -217,7 +217,7 @@ class _Lane:
                 except IndexError:
                     break
                 if oldest.__class__ is Barrier:
-                    kept.append(cast(Barrier, oldest))
+                    kept.append(oldest)
                 else:
                     self._discard(oldest, "queue_full")
             self.queue.extendleft(reversed(kept))
@@ -333,7 +333,7 @@ class _ThreadLane(_Lane):
                         batch.hooks,
                         batch.counts,
                     )
-                    self.took_barrier(entry)  # type: ignore[arg-type]
+                    self.took_barrier(entry)
                     started = _now()
                     continue
                 hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
