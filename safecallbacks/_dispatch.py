@@ -352,9 +352,12 @@ class _ThreadLane(_Lane):
                     if result is not None and isinstance(result, Awaitable):
                         context.run(core.await_elsewhere, result, loop)
                 except StopStream as stop:
-                    core.mark_stop(run_id, stop)
+                    core.mark_stop(hook, run_id, stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
                     kind = observer.failure(hook, exc, run_id, args, kwargs)
+                self.busy_since = self.inflight = None  # settled: no longer pending
+                if hook in ROOT_END_HOOKS:
+                    core.run_ended(run_id)
                 ended = _now()
                 if kind is None and breaker.consecutive:
                     observer.outcome(True)
@@ -418,8 +421,9 @@ class _LoopLane(_Lane):
         try:
             while True:
                 await self._drain()
-                if self.background:
-                    await self._linger()
+                # Stay a moment for the next event (a paced stream's next token), as
+                # thread lanes do, so a stream costs one consumer task, not one per token.
+                await self._linger()
                 if not self.queue and self._unschedule():
                     return
         except asyncio.CancelledError:
@@ -464,13 +468,11 @@ class _LoopLane(_Lane):
                     self.took_barrier(entry)
                     continue
                 batch = Batch()
-                try:
+                try:  # cut off by the deadline, deliver_async counts it as dropped
                     await asyncio.wait_for(
                         self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
                     )
                 finally:
-                    if not batch.durations:  # cut off before it finished: it never will
-                        self.core.observer.dropped(entry[0], reason="loop_closed")
                     self.core.observer.commit(batch)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             pass
@@ -524,10 +526,12 @@ class Dispatcher:
         self.closed = False
         self.stop_marks: dict[object, StopStream] = {}
         self._parents: dict[object, object] = {}
+        self._ended_runs: dict[object, None] = {}  # runs whose end had no hook to deliver
         self._thread_lane = _ThreadLane(self)
         self._loop_lanes: dict[asyncio.AbstractEventLoop | None, _LoopLane] = {}
         self._loop_lanes_lock = threading.Lock()
         self._pruned_high_water = 0
+        self._high_water = 0  # never falls, whatever lanes come and go
         self.inline_counts: dict[str, itertools.count[int]] = {
             hook: itertools.count() for hook in hooks
         }
@@ -645,8 +649,9 @@ class Dispatcher:
         if kwargs.get("parent_run_id") is None:
             await self.asettle()
 
-    async def asettle_after(self, kwargs: Mapping[str, Any]) -> None:
+    async def asettle_after(self, hook: str, kwargs: Mapping[str, Any]) -> None:
         """An end hook the handler lacks, on the async path: settle after a root run."""
+        self.end_emitted(hook, kwargs)
         if kwargs.get("parent_run_id") is None:
             await self.asettle()
 
@@ -777,6 +782,10 @@ class Dispatcher:
         with self._loop_lanes_lock:
             lane = self._loop_lanes.get(target)
             if lane is None:
+                # A new loop (one asyncio.run() per request is common): the lanes of
+                # loops that closed since are accounted for and let go, so closed loops
+                # are never kept alive by a shared handler.
+                self._forget_closed_loops()
                 lane = _LoopLane(self, target, background=loop is None)
                 self._loop_lanes[target] = lane
             # Sync emitters look the background lane up under None.
@@ -786,13 +795,17 @@ class Dispatcher:
     def lanes(self) -> list[_Lane]:
         """Every lane, after accounting for and forgetting those of closed loops."""
         with self._loop_lanes_lock:
-            for loop, lane in list(self._loop_lanes.items()):
-                if lane.loop is not None and lane.loop.is_closed():
-                    lane.reap_if_dead()
-                    del self._loop_lanes[loop]  # so closed loops are not kept alive
-                    self._pruned_high_water = max(self._pruned_high_water, lane.high_water)
+            self._forget_closed_loops()
             unique = {id(lane): lane for lane in self._loop_lanes.values()}
         return [self._thread_lane, *unique.values()]
+
+    def _forget_closed_loops(self) -> None:
+        """Account for the lanes of closed loops and drop them (``_loop_lanes_lock`` held)."""
+        for loop, lane in list(self._loop_lanes.items()):
+            if lane.loop is not None and lane.loop.is_closed():
+                lane.reap_if_dead()
+                del self._loop_lanes[loop]  # so closed loops are not kept alive
+                self._pruned_high_water = max(self._pruned_high_water, lane.high_water)
 
     # --- delivery ---------------------------------------------------------
 
@@ -837,18 +850,20 @@ class Dispatcher:
                 context,
                 self.options.timeout,
             )
-        except asyncio.CancelledError as exc:
-            # The consumer itself is being cancelled (the loop is shutting down):
-            # the event in flight is accounted as failed, then we go.
+        except asyncio.CancelledError:
+            # The consumer itself is being cancelled (its loop is shutting down, or the
+            # exit budget ran out): the handler did not fail, the event was cut off.
             lane.busy_since, lane.inflight = None, None
-            self._add_result(batch, hook, run_id, exc, started, emitted_at, args, kwargs)
+            self.observer.dropped(hook, reason="shutdown")
             raise
         # GeneratorExit here is never the handler's: the loop was closed with this
         # consumer pending and it is being thrown away; reap_if_dead() accounts for it.
         lane.busy_since, lane.inflight = None, None
         if isinstance(error, StopStream):
-            self.mark_stop(run_id, error)
+            self.mark_stop(hook, run_id, error)
             error = None
+        if hook in ROOT_END_HOOKS:
+            self.run_ended(run_id)
         self._add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
 
     def _add_result(
@@ -878,19 +893,58 @@ class Dispatcher:
             if len(self._parents) > _MAX_PARENTS:
                 self._parents.pop(next(iter(self._parents)))
 
-    def mark_stop(self, run_id: object, exc: StopStream) -> None:
-        """Have ``exc`` raised into ``run_id`` and its ancestors at their next event."""
-        if run_id is None:
-            return
-        current: object = run_id
+    def mark_stop(self, hook: str, run_id: object, exc: StopStream) -> None:
+        """Have ``exc`` raised into ``run_id`` and its ancestors at their next event.
+
+        A run whose end is being delivered has no next event: its ancestors are
+        marked; with none left the stop came too late, and is counted and logged.
+        """
+        current: object = self._parents.get(run_id) if hook in ROOT_END_HOOKS else run_id
+        marked = False
         for _ in range(64):
             if current is None:
                 break
-            self.stop_marks[current] = exc
+            if current not in self._ended_runs:
+                self.stop_marks[current] = exc
+                marked = True
             current = self._parents.get(current)
         while len(self.stop_marks) > _MAX_STOP_MARKS:
             self.stop_marks.pop(next(iter(self.stop_marks)))
-        self.fast_lane = None
+        if marked:
+            self.fast_lane = None
+        else:
+            self.observer.stop_too_late(exc.reason)
+
+    def end_emitted(self, hook: str, kwargs: Mapping[str, Any]) -> None:
+        """Emitter side: a run ended that this handler has no end hook for.
+
+        A pending stop for it is raised now (its last chance); otherwise the run is
+        remembered as over, so a stop delivered later is known to come too late.
+        """
+        if self.stop_marks:
+            self.check_stop(hook, kwargs)
+        run_id = kwargs.get("run_id")
+        ended = self._ended_runs
+        ended[run_id] = None
+        if len(ended) > _MAX_PARENTS:
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                ended.pop(next(iter(ended)))
+        if self.stop_marks:
+            self.run_ended(run_id)
+
+    def run_ended(self, run_id: object) -> None:
+        """A run's end was delivered: its parent link and any unused stop mark go with it."""
+        self._parents.pop(run_id, None)
+        marks = self.stop_marks
+        if not marks:
+            return
+        exc = marks.pop(run_id, None)
+        if exc is None:
+            return
+        if not any(other is exc for other in list(marks.values())):
+            self.observer.stop_too_late(exc.reason)  # every run it was meant for is over
+        if not marks:
+            self._refresh_fast_lane()
 
     # --- flush, close, stats ------------------------------------------------
 
@@ -985,6 +1039,7 @@ class Dispatcher:
             depth += sum(waiting.values()) - (lane.inflight is not None)
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
+        high = self._high_water = max(self._high_water, high, depth)
         inline = Batch()
         for hook, counter in self.inline_counts.items():
             count = count_value(counter)
@@ -1011,6 +1066,7 @@ class Dispatcher:
         self.inline_counts = {hook: itertools.count() for hook in self.inline_counts}
         self.stop_marks.clear()
         self._parents.clear()
+        self._ended_runs.clear()
         self._thread_lane = _ThreadLane(self)
         self._loop_lanes = {}
         self._loop_lanes_lock = threading.Lock()

@@ -313,7 +313,7 @@ class _AwaitedHook:
         if _compat.called_by_async_manager():
             if self.records:
                 return self.core.adeliver(self.__name__, args, kwargs)
-            return self.core.asettle_after(kwargs)
+            return self.core.asettle_after(self.__name__, kwargs)
         return self.recorder(self.handler, *args, **kwargs)
 
 
@@ -347,11 +347,13 @@ def _is_settler(value: Any) -> bool:
 
 
 def _settler(hook: str) -> _HookAttribute:
-    """An end hook the handler does not implement: nothing to deliver, but with
-    ``settle`` the end of a root run still waits for the handler's backlog."""
+    """An end hook the handler does not implement: nothing to deliver, but the run's
+    end still matters: a pending stop is raised into it, a later one is known to be
+    too late, and with ``settle`` a root run's end waits for the handler's backlog."""
 
     def settle(self: Any, *args: Any, **kwargs: Any) -> None:
         core = engine(self)
+        core.end_emitted(hook, kwargs)
         if core.options.settle and kwargs.get("parent_run_id") is None:
             core.settle_now()
 

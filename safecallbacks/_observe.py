@@ -338,6 +338,7 @@ class Observer:
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         self.on_breaker_change: Callable[[], None] | None = None
         self.on_success: Callable[[], None] | None = None
+        self._stops_too_late = 0
 
     # --- emitting side ---------------------------------------------------
 
@@ -349,6 +350,18 @@ class Observer:
             self._unreported_drops[hook] = self._unreported_drops.get(hook, 0) + count
         if reason != "exit":  # drops at exit are reported once for the whole process
             self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
+
+    def stop_too_late(self, reason: str) -> None:
+        """A ``StopStream`` arrived after every run it could stop had ended (delivery side)."""
+        with self._lock:
+            self._stops_too_late += 1
+        self.announce_once(
+            "stop_too_late",
+            "stop_too_late",
+            reason=reason,
+            hint="the run ended before this offloaded StopStream was delivered; "
+            "a handler that must stop fast streams should run with mode='inline'",
+        )
 
     def announce_once(self, key: str, event: str, **fields: Any) -> None:
         """Log ``event`` the first time ``key`` happens for this handler."""
@@ -528,11 +541,13 @@ class Observer:
         """
         with self._lock:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
-            for batch in live():
+            errors = dict(self._errors)
+            for batch in live():  # delivered but not committed yet: counted the same way
                 for (hook, kind), count in list(batch.counts.items()):
                     row = rows.setdefault(hook, [0, 0, 0, 0])
                     row[0 if kind is None else 1] += count
-            errors = dict(self._errors)
+                    if kind is not None:
+                        errors[kind] = errors.get(kind, 0) + count
             duration = self._duration.summary()
             lag = self._lag.summary()
             breaker = self.breaker.state if self.breaker.threshold is not None else "disabled"
@@ -568,6 +583,7 @@ class Observer:
             stuck=stuck,
             breaker=breaker,
             closed=closed,
+            stops_too_late=self._stops_too_late,
         )
 
     def estimators(self) -> tuple[Estimator, Estimator]:

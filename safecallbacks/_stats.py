@@ -157,6 +157,7 @@ class Stats:
     stuck: bool = False
     breaker: str = "closed"
     closed: bool = False
+    stops_too_late: int = 0
 
     def __repr__(self) -> str:
         counts = (
@@ -172,6 +173,8 @@ class Stats:
             extras.append("stuck=True")
         if self.closed:
             extras.append("closed=True")
+        if self.stops_too_late:
+            extras.append(f"stops_too_late={self.stops_too_late}")
         if self.errors:
             extras.append(f"errors={dict(self.errors)!r}")
         hooks = ", ".join(
@@ -224,4 +227,5 @@ def merge_stats(
         stuck=any(p.stuck for p in parts),
         breaker=own.breaker,
         closed=own.closed,
+        stops_too_late=sum(p.stops_too_late for p in parts),
     )

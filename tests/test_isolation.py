@@ -154,6 +154,11 @@ def _check_one(
         # A flag that raises reads as "not ignored": the events are still delivered.
         assert stats.failed == 0
         assert stats.delivered == len(handler_seen(handler)) > 0 or not fired & set(hooks)
+    elif fault == "async-exceeds-timeout" and fired & set(hooks):
+        # Timed out (failed), or cut off while its loop shut down first (dropped: the
+        # handler did not fail); never delivered, and no other error than the timeout.
+        assert stats.failed + stats.dropped > 0 and stats.delivered == 0, stats
+        assert set(stats.errors) <= {"TimeoutError"}, stats
     elif fired & set(hooks):
         assert stats.failed > 0, stats
         assert stats.delivered == 0, stats

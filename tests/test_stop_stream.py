@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 import pytest
+import structlog
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.runnables import RunnableLambda
 
@@ -438,3 +439,54 @@ async def test_astream_async_handler_cancelling_itself_after_a_suspension_loses_
     assert all(result == (TOKENS[:AT], None) for result in results), results
     assert await safe.aflush(5)
     check_late_cancel(handler, safe, tags, AT)
+
+
+# --- stops that come too late ------------------------------------------------------------
+
+
+class StopsAtEnd(BaseCallbackHandler):
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        raise StopStream("moderation hit after the answer was complete")
+
+
+class StopsAtFirstToken(BaseCallbackHandler):
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+        self.raised = False
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.gate.wait(5)  # delivered only once the fast stream is over
+        if not self.raised:
+            self.raised = True
+            raise StopStream("too slow to stop anything")
+
+
+def _fast_path_on(handler: Any) -> bool:
+    from safecallbacks._hardened import engine
+
+    return engine(handler).fast_lane is not None
+
+
+def test_a_stop_raised_by_a_runs_end_is_counted_too_late_and_leaves_no_mark() -> None:
+    handler = harden(StopsAtEnd(), mode="offload")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            chunks = list(fake_chat_model(5).stream("hi", config={"callbacks": [handler]}))
+            assert len(chunks) == 9  # nothing left to stop
+            assert handler.flush(5.0)
+    stats = handler.stats()
+    assert stats.stops_too_late == 3 and stats.failed == 0
+    assert _fast_path_on(handler), "a stop mark outlived its run"
+    assert [entry["event"] for entry in logs].count("stop_too_late") == 1
+
+
+def test_an_offloaded_stop_that_arrives_after_the_run_is_counted_too_late() -> None:
+    gate = threading.Event()
+    handler = harden(StopsAtFirstToken(gate), mode="offload")
+    chunks = list(fake_chat_model(5).stream("hi", config={"callbacks": [handler]}))
+    gate.set()
+    assert len(chunks) == 9
+    assert handler.flush(5.0)
+    stats = handler.stats()
+    assert stats.stops_too_late == 1, stats
+    assert _fast_path_on(handler)
