@@ -169,7 +169,7 @@ async def bench_async(lib: ModuleType | None, cfg: Config, events: int, repeats:
     if hardened is not None:
         ok = bool(await hardened.aflush(timeout=30.0))
         settled = c.Settled(flushed=ok, stats=hardened.stats())
-        hardened.close(timeout=0.5)
+        await hardened.aclose(timeout=0.5)
     return Result(samples, events, settled)
 
 

@@ -115,7 +115,7 @@ async def run_load(
     for h in hardened:
         ok = bool(await h.aflush(timeout=flush_timeout / 2 if cfg.backlog else flush_timeout))
         settled.append(c.Settled(flushed=ok, stats=h.stats()))
-        h.close(timeout=0.2)
+        await h.aclose(timeout=0.2)
     return LoadRun(wall, len(gaps), gaps, sum(e for _, e in outs), settled, hardened)
 
 

@@ -137,7 +137,9 @@ async def asettle(hardened: Any, timeout: float) -> c.Settled:
     settled = c.Settled(
         flushed=ok, stats=hardened.stats(), flush_ms=(time.perf_counter() - t0) * 1e3
     )
-    _close(hardened, settled)
+    t0 = time.perf_counter()
+    await hardened.aclose(timeout=0.5)
+    settled.close_ms = (time.perf_counter() - t0) * 1e3
     return settled
 
 

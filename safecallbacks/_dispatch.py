@@ -70,6 +70,7 @@ BATCH = 512  # events one worker takes from one lane before giving others a turn
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
+WATCHDOG_OUTLIVES = 12  # the watchdog stays this many worker idle-exit times after them
 IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 _MAX_STOP_MARKS = 1_000
 _START_HOOKS = frozenset(hook for hook in HOOKS if hook.endswith("_start"))
@@ -959,25 +960,25 @@ class Dispatcher:
     def _family_barriers(self) -> list[tuple[_Lane, Barrier]]:
         return [placed for core in self.family() for placed in core.place_barriers()]
 
-    def flush(self, timeout: float) -> bool:
+    def flush(self, timeout: float, what: str = "flush") -> bool:
+        _refuse_in_a_loop(what)
         deadline = _now() + timeout
-        here = _get_running_loop()
         ok = True
         for lane, barrier in self._family_barriers():
-            if here is not None and lane.loop is here:
-                # Waiting would block the very loop that must drain it: use aflush().
-                ok = ok and barrier.done()
-                continue
             ok = _wait_settled(lane, barrier, deadline) and ok
-        for core in self.family():
-            core.observer.summarise()
+        self._after_flush(ok, timeout)
         return ok
 
     async def aflush(self, timeout: float) -> bool:
         ok = await self._await_barriers(self._family_barriers(), timeout)
+        self._after_flush(ok, timeout)
+        return ok
+
+    def _after_flush(self, ok: bool, timeout: float) -> None:
         for core in self.family():
             core.observer.summarise()
-        return ok
+        if not ok:  # the caller learns it from the result; the log says what is left
+            self.observer.flush_timed_out(self.stats().pending, timeout)
 
     async def _await_barriers(self, placed: list[tuple[_Lane, Barrier]], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -994,8 +995,8 @@ class Dispatcher:
             fut.cancel()
         return not pending
 
-    def close(self, timeout: float) -> bool:
-        ok = self.flush(timeout) if not self.closed else True
+    def close(self, timeout: float, what: str = "close") -> bool:
+        ok = self.flush(timeout, what) if not self.closed else True
         for core in self.family():
             core.shut(reason="closed")
         return ok
@@ -1040,6 +1041,7 @@ class Dispatcher:
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
         high = self._high_water = max(self._high_water, high, depth)
+        self.observer.emit_pending()  # the caller's thread, never the token path
         inline = Batch()
         for hook, counter in self.inline_counts.items():
             count = count_value(counter)
@@ -1071,6 +1073,27 @@ class Dispatcher:
         self._loop_lanes = {}
         self._loop_lanes_lock = threading.Lock()
         self._refresh_fast_lane()
+
+
+_ASYNC_ALTERNATIVE = {
+    "flush": "await safecallbacks.aflush(handler)",
+    "close": "await safecallbacks.aclose(handler)",
+    "__exit__": "async with handler: ...",
+}
+
+
+def _refuse_in_a_loop(what: str) -> None:
+    """Blocking waits cannot work inside a running event loop: say so, name the way out.
+
+    The loop they would block may be the one that must deliver (async handlers), and
+    for other handlers it would freeze every task on it for up to ``timeout``.
+    """
+    if _get_running_loop() is not None:
+        raise RuntimeError(
+            f"safecallbacks: a blocking {what}() was called inside a running event loop, "
+            f"where it would block the loop it waits for; use "
+            f"`{_ASYNC_ALTERNATIVE.get(what, 'the async variant')}` instead"
+        )
 
 
 async def run_here(coro: Any, timeout: float) -> BaseException | None:
@@ -1296,13 +1319,13 @@ class _Pool:
         self._serial = 0
 
     def kick(self, lane: _ThreadLane) -> None:
+        """Emitter side: a lane went from idle to busy. Never starts a worker here:
+        an idle worker is woken, or the watchdog starts one (off the token path)."""
         with self.lock:
             if lane.scheduled:
                 return
             lane.scheduled = True
             self._make_ready(lane, _now())
-            if not self.idle and not self.threads:
-                self._spawn()
             self._ensure_watchdog()
 
     def forget(self, lane: _ThreadLane) -> None:
@@ -1386,12 +1409,28 @@ class _Pool:
             while True:
                 now = _now()
                 self._poll(now)
-                if self.lingering or self.ready or self.busy:
+                self._write_logs()
+                if self.lingering or self.ready or self.busy or self.threads:
                     quiet_since = now
-                elif now - quiet_since >= self.idle_exit:
+                elif now - quiet_since >= self.idle_exit * WATCHDOG_OUTLIVES:
+                    # It outlives the workers, so a stream after a quiet spell has its
+                    # worker started here, not on the emitting thread.
                     self.watchdog = None
                     return
                 self.watch.wait(POLL_SECONDS if self.lingering or self.ready else WATCHDOG_SECONDS)
+
+    def _write_logs(self) -> None:
+        """Write lines handlers queued (a drop, a stuck delivery), with the pool lock released."""
+        lanes = [*self.busy, *self.lingering, *self.ready]
+        waiting = [lane.core.observer for lane in lanes if lane.core.observer.has_pending_logs()]
+        if not waiting:
+            return
+        self.lock.release()
+        try:
+            for observer in waiting:
+                observer.emit_pending()
+        finally:
+            self.lock.acquire()
 
     def _poll(self, now: float) -> None:
         """Move lingering lanes with new events to ready; let quiet ones go idle."""

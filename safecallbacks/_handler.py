@@ -73,7 +73,7 @@ class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
             previous = self.__dict__.get("_sc_core")
             self.__dict__["_sc_core"] = make_engine(self, options)
         if isinstance(previous, Dispatcher) and previous.target is self:
-            previous.close(0.0)
+            previous.shut("closed")
 
 
 # --- the public entry points ----------------------------------------------------

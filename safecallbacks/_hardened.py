@@ -108,7 +108,7 @@ class _Hardened:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        engine(self).close(5.0)
+        engine(self).close(5.0, "__exit__")  # inside a running loop: an error, nothing dropped
 
     async def __aenter__(self: _T) -> _T:
         return self

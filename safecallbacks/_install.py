@@ -176,8 +176,9 @@ def _restore(handler: Any, timeout: float) -> None:
     original = getattr(type(handler), "_sc_wrapped_class", None)
     if original is None:
         return
-    core = engine(handler)
-    core.close(timeout)
+    if _compat.get_running_loop() is None:
+        engine(handler).flush(timeout)  # best effort: what is still pending is delivered
+        # by the engine anyway, which calls the handler's own hooks, not its class's
     try:
         handler.__class__ = original
     except TypeError:  # pragma: no cover - same layout by construction

@@ -221,6 +221,13 @@ class _FailureLog:
         self.seen: set[tuple[str, str]] = set()
         self.unreported: dict[tuple[str, str], int] = {}
         self.window_start: dict[tuple[str, str], float] = {}
+        # Lines decided under the observer's lock, written after it is released:
+        # a slow log sink must never hold a lock an emitting thread may need.
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def take_lines(self) -> list[tuple[str, str, dict[str, Any]]]:
+        lines, self.lines = self.lines, []
+        return lines
 
     def failure(
         self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
@@ -246,15 +253,15 @@ class _FailureLog:
         started = self.window_start.get(key, now)
         self.window_start[key] = now
         if count:
-            logger().warning(
-                "handler_failures_summary",
-                handler=self.handler,
-                hook=key[0],
-                error_type=key[1],
-                count=count,
-                seconds=round(now - started, 3),
-                message=f"failed {count:,} times in the last {_seconds(now - started)}",
-            )
+            fields = {
+                "handler": self.handler,
+                "hook": key[0],
+                "error_type": key[1],
+                "count": count,
+                "seconds": round(now - started, 3),
+                "message": f"failed {count:,} times in the last {_seconds(now - started)}",
+            }
+            self.lines.append(("warning", "handler_failures_summary", fields))
 
     def _first(
         self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
@@ -272,7 +279,12 @@ class _FailureLog:
         else:
             # The message and locals may quote prompt or token text: keep only the stack.
             fields["traceback"] = _handler_stack(exc)
-        logger().error("handler_failed", **fields)
+        self.lines.append(("error", "handler_failed", fields))
+
+
+def _write(lines: list[tuple[str, str, dict[str, Any]]]) -> None:
+    for level, event, fields in lines:
+        getattr(logger(), level)(event, **fields)
 
 
 class Batch:
@@ -328,6 +340,7 @@ class Observer:
         self._lag = Estimator()
         self._open_runs: dict[object, None] = {}
         self._announced: set[str] = set()
+        self._pending_logs: list[tuple[str, dict[str, Any]]] = []
         self._unreported_drops: dict[str, int] = {}
         self._last_stall = -math.inf
         breaker = options.breaker
@@ -351,6 +364,11 @@ class Observer:
         if reason != "exit":  # drops at exit are reported once for the whole process
             self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
 
+    def flush_timed_out(self, pending: int, timeout: float) -> None:
+        logger().warning(
+            "flush_timed_out", handler=self.name, pending=pending, timeout_s=round(timeout, 3)
+        )
+
     def stop_too_late(self, reason: str) -> None:
         """A ``StopStream`` arrived after every run it could stop had ended (delivery side)."""
         with self._lock:
@@ -364,11 +382,29 @@ class Observer:
         )
 
     def announce_once(self, key: str, event: str, **fields: Any) -> None:
-        """Log ``event`` the first time ``key`` happens for this handler."""
+        """Log ``event`` the first time ``key`` happens for this handler.
+
+        Only queued here: this runs on emitting threads too, and a log sink may
+        block. ``emit_pending`` writes it from the delivery side (the next commit,
+        the watchdog, a flush, a stats read, or exit).
+        """
         if key in self._announced:
             return
         self._announced.add(key)
-        logger().warning(event, handler=self.name, **fields)
+        self._pending_logs.append((event, fields))
+
+    def has_pending_logs(self) -> bool:
+        return bool(self._pending_logs)
+
+    def emit_pending(self) -> None:
+        """Write the log lines ``announce_once`` queued (never on the token path)."""
+        pending = self._pending_logs
+        while pending:
+            try:
+                event, fields = pending.pop(0)
+            except IndexError:
+                return
+            logger().warning(event, handler=self.name, **fields)
 
     # --- delivery side ---------------------------------------------------
 
@@ -405,6 +441,8 @@ class Observer:
         with self._lock:
             entered = self.breaker.failed()
             self._log.failure(hook, exc, run_id, payload)
+            lines = self._log.take_lines()
+        _write(lines)
         if entered:
             self.breaker_changed(entered)
         return error_type(exc)
@@ -442,6 +480,7 @@ class Observer:
                     self._bump(hook, 1, count)
                     self._errors[kind] = self._errors.get(kind, 0) + count
         self._report_drops(drops)
+        self.emit_pending()
         if not batch.durations:
             return fresh
         found = instruments()
@@ -477,8 +516,11 @@ class Observer:
     def summarise(self) -> None:
         with self._lock:
             self._log.summarise_all()
+            lines = self._log.take_lines()
             drops, self._unreported_drops = self._unreported_drops, {}
+        _write(lines)
         self._report_drops(drops)
+        self.emit_pending()
 
     def _report_drops(self, drops: Mapping[str, int]) -> None:
         if drops:

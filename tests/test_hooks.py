@@ -39,15 +39,46 @@ def test_only_overridden_hooks_count_as_implemented() -> None:
     assert set(implemented_hooks(Partial())) == {"on_llm_end"}
 
 
-def test_a_hook_added_by_langchain_later_is_hardened_without_a_release() -> None:
-    """Simulate a newer langchain-core: the proxy hardens whatever the handler implements."""
+def test_a_hook_added_by_langchain_later_is_discovered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulate a newer langchain-core: a new ``on_*`` method is a hook, no release needed."""
+    from safecallbacks import _hooks
 
-    class Future(BaseCallbackHandler):
-        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-            raise ValueError("x")
+    def on_future_event(self: Any, *args: Any, **kwargs: Any) -> None:
+        pass
 
-    safe = harden(Future())
-    assert "on_llm_new_token" in type(safe).__dict__
+    monkeypatch.setattr(BaseCallbackHandler, "on_future_event", on_future_event, raising=False)
+    assert "on_future_event" in _hooks._discover_hooks()
+
+
+def test_a_hook_a_framework_base_declares_is_hardened_and_isolated() -> None:
+    """A hook no langchain-core has, declared by a base class from another package."""
+    from uuid import uuid4
+
+    from langchain_core.callbacks.manager import handle_event
+
+    class FrameworkBase(BaseCallbackHandler):
+        def on_future_event(self, payload: Any) -> None:
+            """The framework's do-nothing declaration."""
+
+    FrameworkBase.__module__ = "someframework.callbacks"
+
+    class Mine(FrameworkBase):
+        raise_error = True
+
+        def __init__(self) -> None:
+            self.seen: list[Any] = []
+
+        def on_future_event(self, payload: Any) -> None:
+            self.seen.append(payload)
+            raise ValueError("a bug in the user's hook")
+
+    handler = harden(Mine(), mode="inline")
+    assert "on_future_event" in type(handler)._sc_resolved
+    handle_event([handler], "on_future_event", None, {"id": uuid4().hex})  # must not raise
+    stats = handler.stats()
+    assert len(handler.seen) == 1 and stats.failed == 1 and dict(stats.errors) == {"ValueError": 1}
+    with pytest.raises(ValueError, match="a bug"):  # bare, the same call ends the run
+        handle_event([Mine()], "on_future_event", None, {"id": "x"})
 
 
 def test_on_stream_event_reaches_a_v2_protocol_handler() -> None:

@@ -1,0 +1,77 @@
+"""Calls that cannot work where they are made fail loudly, naming what to use instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+
+import safecallbacks
+from safecallbacks import harden
+from safecallbacks.testing import (
+    AsyncRecordingHandler,
+    BlockingHandler,
+    RecordingHandler,
+    fake_chat_model,
+)
+
+
+async def test_sync_flush_inside_a_running_loop_names_aflush() -> None:
+    for handler in (harden(AsyncRecordingHandler()), harden(RecordingHandler())):
+        async for _ in fake_chat_model(3).astream("hi", config={"callbacks": [handler]}):
+            pass
+        with pytest.raises(RuntimeError, match=r"await safecallbacks\.aflush\(handler\)"):
+            safecallbacks.flush(handler)
+        with pytest.raises(RuntimeError, match=r"await safecallbacks\.aclose\(handler\)"):
+            handler.close()
+        assert await safecallbacks.aflush(handler, 5.0)  # the alternative works
+        stats = safecallbacks.stats(handler)
+        assert stats.delivered == stats.emitted > 0 and stats.dropped == 0
+
+
+async def test_sync_with_in_async_code_is_refused_and_drops_nothing() -> None:
+    handler = harden(AsyncRecordingHandler())
+    with pytest.raises(RuntimeError, match="async with handler"):  # noqa: SIM117
+        with handler:
+            async for _ in fake_chat_model(20).astream("hi", config={"callbacks": [handler]}):
+                pass
+    assert await safecallbacks.aflush(handler, 5.0)
+    stats = safecallbacks.stats(handler)
+    assert stats.dropped == 0 and stats.delivered == stats.emitted == len(handler.calls) == 41
+    async with harden(AsyncRecordingHandler()) as fine:
+        async for _ in fake_chat_model(20).astream("hi", config={"callbacks": [fine]}):
+            pass
+    assert safecallbacks.stats(fine).delivered == len(fine.calls) == 41
+
+
+def test_a_flush_that_times_out_says_so_with_the_pending_count() -> None:
+    handler = harden(BlockingHandler(), mode="offload")
+    with structlog.testing.capture_logs() as logs:
+        for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+            pass
+        try:
+            assert safecallbacks.flush(handler, 0.05) is False
+        finally:
+            handler.release()
+    timed_out = [entry for entry in logs if entry["event"] == "flush_timed_out"]
+    assert len(timed_out) == 1 and timed_out[0]["pending"] >= 1, logs
+    assert safecallbacks.flush(handler, 5.0)
+
+
+@pytest.mark.parametrize("bad", [None, 42, "handler", object(), int])
+def test_harden_names_what_it_got_instead_of_a_handler(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"harden\(\) expects a LangChain callback handler"):
+        harden(bad)
+
+
+def test_max_queue_bound_is_exact_for_one_emitting_thread() -> None:
+    handler = harden(BlockingHandler(), mode="offload", max_queue=5, breaker=None)
+    try:
+        for _ in fake_chat_model(10).stream("hi", config={"callbacks": [handler]}):
+            pass
+        stats = safecallbacks.stats(handler)
+        assert stats.queue_depth <= 5 and stats.queue_high_water <= 5, stats
+    finally:
+        handler.release()
+    assert safecallbacks.flush(handler, 5.0)
