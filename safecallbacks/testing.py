@@ -18,18 +18,27 @@ from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from ._hooks import HOOKS
+from ._options import Options
+from ._paced import PacedFakeChatModel, make_tokens
 from ._stats import Stats
 
 __all__ = [
     "HOOKS",
     "AsyncRecordingHandler",
     "BlockingHandler",
+    "FakeClock",
     "FaultyHandler",
+    "PacedFakeChatModel",
     "RecordingHandler",
     "assert_accounted",
     "async_wait_until",
     "fake_chat_model",
+    "make_tokens",
+    "options_of",
+    "retire_idle_workers",
+    "use_clock",
     "wait_until",
+    "worker_threads",
 ]
 
 
@@ -213,3 +222,66 @@ async def async_wait_until(
             return True
         await asyncio.sleep(interval)
     return bool(predicate())
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to, or by ``step`` at every reading.
+
+    Give it to a hardened handler with ``use_clock`` to test breaker resets and
+    log-summary windows without sleeping.
+    """
+
+    def __init__(self, start: float = 1000.0, step: float = 0.0) -> None:
+        self.now = start
+        self.step = step
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += self.step
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def use_clock(handler: BaseCallbackHandler, clock: Callable[[], float]) -> None:
+    """Make a hardened handler's breaker, log windows and stall reports read ``clock``."""
+    from ._hardened import engine
+
+    for member in engine(handler).family():
+        member.observer.set_clock(clock)
+
+
+def options_of(handler: BaseCallbackHandler) -> Options:
+    """The validated options a hardened handler runs with (what ``harden`` resolved)."""
+    from ._hardened import engine
+
+    return engine(handler).options
+
+
+def worker_threads() -> int:
+    """Live delivery worker threads in this process (0 once idle workers have exited)."""
+    from ._dispatch import worker_threads as count
+
+    return count()
+
+
+def retire_idle_workers(timeout: float = 10.0) -> bool:
+    """Let idle delivery workers exit now, as they would after a quiet spell.
+
+    For tests of what the first event after a quiet spell costs. True once no
+    worker is left within ``timeout``; the usual idle time is restored after.
+    """
+    from ._dispatch import pool
+
+    workers = pool()
+    usual = workers.idle_exit
+    workers.idle_exit = 0.01
+    try:
+        with workers.lock:
+            workers.cond.notify_all()
+        return wait_until(lambda: worker_threads() == 0, timeout)
+    finally:
+        workers.idle_exit = usual
