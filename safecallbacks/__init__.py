@@ -29,10 +29,10 @@ from ._handler import (
     stats,
 )
 from ._install import install, uninstall
-from ._isolation import StopStream
 from ._options import Breaker
 from ._policy import register_inline, register_plumbing
 from ._stats import HookStats, Stats, Summary
+from ._stopping import StopStream
 
 __all__ = [
     "Breaker",

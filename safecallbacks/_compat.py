@@ -4,19 +4,23 @@ Each name here either has a fallback that keeps the package correct (only
 slower or less precise) or fails loudly where silence would change what a
 handler does. ``tests/test_compat.py`` pins each one against the installed
 versions, so an upgrade that moves a private name breaks a test, not a stream.
-Nothing here runs on the token path except ``get_running_loop`` and
-``called_by_async_manager``.
+Nothing here runs on the token path except ``get_running_loop``,
+``called_by_async_manager`` and ``count_value`` (stats reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
+import itertools
 import sys
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
 import langchain_core.callbacks.manager as _lc_manager
+from opentelemetry import metrics
 
 get_running_loop = asyncio._get_running_loop
 """The running loop of this thread or None, without raising (a C fast path)."""
@@ -98,3 +102,75 @@ def configure_function() -> Any:
 
 def set_configure_function(function: Any) -> None:
     _lc_manager._configure = function
+
+
+# --- asyncio across Python versions -------------------------------------------
+
+timeout_scope: Callable[[float], Any] | None = getattr(asyncio, "timeout", None)
+"""``asyncio.timeout`` (Python >= 3.11); None before, where callers fall back to a task."""
+
+
+def task_cancelling(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` has a cancellation request pending (always False before 3.11)."""
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def task_uncancel(task: asyncio.Task[Any]) -> None:
+    """Withdraw one cancellation request we made ourselves (a no-op before 3.11)."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+def task_in_context(
+    loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context
+) -> asyncio.Task[Any]:
+    """A task that runs ``coro`` in ``context`` (3.11's ``context=``, or entered by hand)."""
+    if sys.version_info >= (3, 11):
+        return loop.create_task(coro, context=context)
+    return context.run(loop.create_task, coro)  # pragma: no cover - Python 3.10
+
+
+# --- counters and OpenTelemetry -------------------------------------------------
+
+
+def count_value(counter: itertools.count[int]) -> int:
+    """How many values ``counter`` has handed out, without consuming one.
+
+    ``next()`` on an ``itertools.count`` is atomic under the GIL, the cheapest
+    exact counter for many emitting threads; its repr is the only way to read it.
+    """
+    return int(repr(counter)[len("count(") : -1])
+
+
+def _proxy_meter_provider() -> type | None:
+    try:
+        from opentelemetry.metrics._internal import _ProxyMeterProvider
+    except ImportError:  # pragma: no cover - moved in a newer opentelemetry-api
+        return None
+    found: type = _ProxyMeterProvider
+    return found
+
+
+_PLACEHOLDER_PROVIDERS: tuple[type, ...] = tuple(
+    cls for cls in (metrics.NoOpMeterProvider, _proxy_meter_provider()) if cls is not None
+)
+
+
+def sdk_configured() -> bool:
+    """True once the application installed a real OpenTelemetry meter provider.
+
+    Without the private proxy class we cannot tell "no SDK yet" from "an SDK",
+    so we assume one: histograms are then recorded, never lost.
+    """
+    return not isinstance(metrics.get_meter_provider(), _PLACEHOLDER_PROVIDERS)
+
+
+def reinit_lock_after_fork(lock: Any) -> None:
+    """Make a lock usable again in a forked child, whoever held it in the parent.
+
+    CPython's own modules do this with ``_at_fork_reinit`` (3.9+), which keeps
+    the lock object, so every module that imported it by name sees the fresh one.
+    """
+    lock._at_fork_reinit()

@@ -12,16 +12,9 @@ from typing import Any, TypeVar, overload
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
+from ._classes import _HardenedClassBase, harden_in_place, hardened_class
 from ._dispatch import Dispatcher
-from ._hardened import (
-    _CORE_LOCK,
-    _Hardened,
-    _HardenedClassBase,
-    engine,
-    harden_in_place,
-    hardened_class,
-    make_engine,
-)
+from ._hardened import CORE_LOCK, _Hardened, engine, make_engine
 from ._options import _UNSET, Options, make_options
 from ._policy import dotted_name, is_plumbing
 from ._stats import Stats
@@ -69,7 +62,7 @@ class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
             exit_timeout=exit_timeout,
             settle=settle,
         )
-        with _CORE_LOCK:
+        with CORE_LOCK:
             previous = self.__dict__.get("_sc_core")
             self.__dict__["_sc_core"] = make_engine(self, options)
         if isinstance(previous, Dispatcher) and previous.target is self:
@@ -149,7 +142,7 @@ def _harden_one(target: Any, options: Options, explicit: bool) -> Any:
                 f"({_differences(current.requested, options)}); a handler has one set of options"
             )
         if current.closed:  # hardening a closed handler again reopens it
-            with _CORE_LOCK:
+            with CORE_LOCK:
                 target.__dict__["_sc_core"] = make_engine(target, current.requested)
         return target
     _refuse_plumbing(type(target))

@@ -14,8 +14,6 @@ async manager may have to await.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import sys
 import threading
@@ -25,16 +23,17 @@ from time import monotonic
 from types import FunctionType, MethodType, TracebackType
 from typing import Any, TypeVar, cast
 
-from langchain_core.callbacks import BaseCallbackHandler
-
 from . import _compat
-from ._dispatch import PLAIN_RESULTS, ROOT_END_HOOKS, Dispatcher, Unbound
-from ._hooks import IGNORE_FLAGS, class_hooks, implemented_hooks, is_async_callable
-from ._options import Options, make_options
+from ._compat import reinit_lock_after_fork
+from ._dispatch import Dispatcher, Unbound
+from ._hooks import END_HOOKS, class_hooks, is_async_callable
+from ._inline import PLAIN_RESULTS
+from ._options import Options
 from ._policy import auto_mode
 from ._stats import Stats
 
-_CORE_LOCK = threading.RLock()
+CORE_LOCK = threading.RLock()
+"""Held while a handler's engine is bound or replaced (rare: once per handler)."""
 _getframe = sys._getframe
 _ASYNC_MANAGER_CODE = _compat.ASYNC_MANAGER_CODE
 _PLAIN_RESULTS = PLAIN_RESULTS
@@ -134,7 +133,7 @@ def engine(handler: Any) -> Dispatcher:
 
 
 def _bind(handler: Any) -> Dispatcher:
-    with _CORE_LOCK:
+    with CORE_LOCK:
         found = handler.__dict__.get("_sc_core")
         if isinstance(found, Dispatcher) and found.target is handler:
             return found
@@ -206,7 +205,7 @@ def _class_resolver(handler: Any) -> Callable[[str], Callable[..., Any]]:
 # --- recorders -------------------------------------------------------------------
 
 
-def _recorder(hook: str, original: Any) -> Callable[..., Any]:
+def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
     """The method LangChain calls in place of ``hook``: record the event and return.
 
     The two common cases are inlined here: offload with room in the queue (one
@@ -216,7 +215,7 @@ def _recorder(hook: str, original: Any) -> Callable[..., Any]:
     owner: list[type] = []  # the class whose body this recorder stands in
     plain = isinstance(original, FunctionType)
     is_async = is_async_callable(original)
-    settles = hook in ROOT_END_HOOKS
+    settles = hook in END_HOOKS
 
     def recorder(self: Any, *args: Any, **kwargs: Any) -> Any:
         cls = type(self)
@@ -252,10 +251,10 @@ def _recorder(hook: str, original: Any) -> Callable[..., Any]:
                     # context: context it sets must not leak into the caller's.
                     result = copy_context().run(original.__get__(self, cls), *args, **kwargs)
             except BaseException as exc:
-                core.inline_failed(hook, exc, args, kwargs)
+                core.inline.failed(hook, exc, args, kwargs)
                 return None
             if result is not None and type(result) not in _PLAIN_RESULTS:
-                core.inline_result(hook, result, args, kwargs)
+                core.inline.result(hook, result, args, kwargs)
                 return None
             next(core.inline_counts[hook])  # emitted and delivered in one count
             if core.failing:
@@ -317,7 +316,7 @@ class _AwaitedHook:
         return self.recorder(self.handler, *args, **kwargs)
 
 
-class _HookAttribute:
+class HookAttribute:
     """Class attribute for a hook that LangChain's async manager may have to await.
 
     Inline handlers' async hooks are awaited in the caller's task, as LangChain
@@ -342,175 +341,26 @@ class _HookAttribute:
         return MethodType(self.recorder, obj)
 
 
-def _is_settler(value: Any) -> bool:
-    return isinstance(value, _HookAttribute) and not value.records
+def is_settler(value: Any) -> bool:
+    return isinstance(value, HookAttribute) and not value.records
 
 
-def _settler(hook: str) -> _HookAttribute:
+def settler(hook: str) -> HookAttribute:
     """An end hook the handler does not implement: nothing to deliver, but the run's
     end still matters: a pending stop is raised into it, a later one is known to be
     too late, and with ``settle`` a root run's end waits for the handler's backlog."""
 
     def settle(self: Any, *args: Any, **kwargs: Any) -> None:
         core = engine(self)
-        core.end_emitted(hook, kwargs)
+        core.stops.end_emitted(hook, kwargs)
         if core.options.settle and kwargs.get("parent_run_id") is None:
             core.settle_now()
 
     settle.__name__ = hook
     settle._sc_owner = []  # type: ignore[attr-defined]
-    return _HookAttribute(hook, settle, records=False)
-
-
-# --- hardening a class -----------------------------------------------------------
-
-_BASE_FLAGS = {flag: BaseCallbackHandler.__dict__[flag] for flag in IGNORE_FLAGS}
-
-
-def _isolated_flag(flag: str, original: Any) -> property:
-    """An ``ignore_*`` property that can never raise into LangChain."""
-
-    def safe(self: Any) -> bool:
-        try:
-            return bool(original.__get__(self, type(self)))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:
-            engine(self).observer.announce_once(
-                f"flag:{flag}", "ignore_flag_failed", flag=flag, error_type=type(exc).__qualname__
-            )
-            return False
-
-    guarded = property(safe, doc=f"{flag}, read from the handler's own definition, never raising.")
-    safe._sc_flag = True  # type: ignore[attr-defined]
-    return guarded
-
-
-def _is_guarded(value: Any) -> bool:
-    return isinstance(value, property) and getattr(value.fget, "_sc_flag", False)
-
-
-def harden_class_body(cls: type) -> None:
-    """Give ``cls`` a recorder for every hook it implements, its own or inherited."""
-    originals: dict[str, Any] = {}
-    for hook, value in implemented_hooks(cls, look_past=_is_settler).items():
-        if getattr(value, "_sc_owner", None) is not None:
-            continue  # already a recorder, from a hardened base
-        originals[hook] = value
-        recorder = _recorder(hook, value)
-        recorder._sc_owner.append(cls)  # type: ignore[attr-defined]
-        needs_attribute = is_async_callable(value) or hook in ROOT_END_HOOKS
-        setattr(cls, hook, _HookAttribute(hook, recorder) if needs_attribute else recorder)
-    for hook in ROOT_END_HOOKS:
-        current = inspect.getattr_static(cls, hook, None)
-        if hook not in originals and getattr(current, "_sc_owner", None) is None:
-            setattr(cls, hook, _settler(hook))
-    for attr in ("raise_error", "run_inline"):  # never re-raise, never hop threads
-        setattr(cls, attr, _Hardened.__dict__[attr])
-    for flag in IGNORE_FLAGS:
-        value = inspect.getattr_static(cls, flag, None)
-        if (
-            isinstance(value, property)
-            and value is not _BASE_FLAGS[flag]
-            and not _is_guarded(value)
-        ):
-            setattr(cls, flag, _isolated_flag(flag, value))
-    cls._sc_originals = originals  # type: ignore[attr-defined]
-    resolved: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        resolved.update(klass.__dict__.get("_sc_originals", {}))
-    cls._sc_resolved = resolved  # type: ignore[attr-defined]
-
-
-def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
-    """``__new__`` of hardened classes: place the engine's stand-in before ``__init__`` runs.
-
-    A handler made by a method of a hardened handler of the same class
-    (``self.__class__(...)``, as ``LangChainTracer.copy_with_metadata_defaults``
-    does) joins that handler's family and takes its options.
-    """
-    new: Any = object.__new__
-    for klass in cls.__mro__:
-        found = klass.__dict__.get("__new__")
-        if found is not None and getattr(found, "__func__", found) is not _hardened_new:
-            new = getattr(found, "__func__", found)
-            break
-    instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
-    maker = _compat.constructing_self()
-    if type(maker) is cls:
-        parent = engine(maker)
-        made = make_engine(instance, parent.requested, parent)
-    else:
-        made = make_engine(instance, cast(Any, cls)._sc_default_options)
-    with contextlib.suppress(AttributeError):  # no __dict__: bound on first use
-        instance.__dict__["_sc_core"] = made
-    return instance
-
-
-class _HardenedClassBase(_Hardened):
-    """Hooks defined in a subclass body, or inherited, are hardened; the engine is per instance.
-
-    Shared by ``SafeHandler`` and by the classes ``harden`` makes from a handler class.
-    """
-
-    __slots__ = ()
-    _sc_default_options: Options = make_options()
-    _sc_resolved: Mapping[str, Any] = {}
-    __new__ = _hardened_new
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        harden_class_body(cls)
-
-
-_classes: dict[tuple[type, Options], type] = {}
-_classes_lock = threading.Lock()
-
-
-def _locks_after_fork() -> None:
-    # A fork while another thread held one of these would leave it held forever.
-    global _CORE_LOCK, _classes_lock
-    _CORE_LOCK = threading.RLock()
-    _classes_lock = threading.Lock()
+    return HookAttribute(hook, settle, records=False)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_locks_after_fork)
-
-
-def hardened_class(cls: type, options: Options | None = None) -> type:
-    """The hardened subclass of ``cls`` (one per class and default options)."""
-    defaults = options if options is not None else make_options()
-    key = (cls, defaults)
-    with _classes_lock:
-        found = _classes.get(key)
-        if found is not None:
-            return found
-        namespace: dict[str, Any] = {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-            "__slots__": (),
-            "__new__": _hardened_new,
-            "_sc_default_options": defaults,
-            "_sc_wrapped_class": cls,
-        }
-        made = type(cls.__name__, (cls, _HardenedClassBase), namespace)
-        if "_sc_originals" not in made.__dict__:  # cls's own __init_subclass__ skipped ours
-            harden_class_body(made)
-        _classes[key] = made
-        return made
-
-
-def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
-    """Make ``handler`` an instance of its hardened class, with its own options."""
-    hardened = hardened_class(type(handler))
-    with _CORE_LOCK:
-        try:
-            handler.__class__ = hardened
-        except TypeError as exc:
-            raise TypeError(
-                f"cannot harden {type(handler).__qualname__} in place ({exc}); "
-                "harden its class instead: harden(SomeHandler)"
-            ) from None
-        handler.__dict__["_sc_core"] = make_engine(handler, options)
+    # A fork while another thread held it would leave it held forever in the child.
+    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(CORE_LOCK))

@@ -65,6 +65,11 @@ def ignore_flag_for(hook: str) -> str | None:
 
 ERROR_HOOKS: frozenset[str] = frozenset(h for h in HOOKS if h.endswith("_error"))
 """Hooks that report a failing run; a pending StopStream is never raised into them."""
+START_HOOKS: frozenset[str] = frozenset(h for h in HOOKS if h.endswith("_start"))
+END_HOOKS: frozenset[str] = frozenset(h for h in HOOKS if h.endswith(("_end", "_error")))
+"""Hooks that end a run: where stop marks die and ``settle`` waits for the backlog."""
+PAIRED_HOOKS: frozenset[str] = START_HOOKS | END_HOOKS
+"""Hooks whose runs an open breaker must still let end (a start was delivered)."""
 
 
 def _base_defaults() -> frozenset[Any]:

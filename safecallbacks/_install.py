@@ -22,7 +22,8 @@ from typing import Any
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from . import _compat
-from ._hardened import _Hardened, engine, harden_in_place
+from ._classes import harden_in_place
+from ._hardened import _Hardened, engine
 from ._options import Options, make_options
 from ._policy import dotted_name, is_plumbing
 

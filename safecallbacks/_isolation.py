@@ -1,4 +1,4 @@
-"""Calling one hook so that nothing it raises escapes, except on purpose.
+"""Calling one hook, sync or async, so that nothing it raises escapes or outlives its timeout.
 
 LangChain only catches ``Exception`` around a handler (and re-raises it when
 ``raise_error`` is set); ``CancelledError``, ``GeneratorExit`` and friends go
@@ -7,32 +7,27 @@ turned into a recorded failure. Three things still pass on the caller's own
 thread: ``StopStream`` (the deliberate exit), ``KeyboardInterrupt`` and
 ``SystemExit``, and a ``CancelledError`` while the caller's own task really is
 being cancelled.
+
+Every catch and every timeout of the package is here: the sync call with
+LangChain's ``on_llm_start`` fallback, its async twin, and the three ways an
+async hook is run (in the caller's task, as a task of its own, or stepped
+inside a consumer task). On the token path only for inline handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _compat
 from ._hooks import ignore_flag_for
+from ._stopping import StopStream
 
 Resolver = Callable[[str], Callable[..., Any]]
-
-
-class StopStream(BaseException):
-    """Raise from a handler to stop the run it is observing, deliberately.
-
-    It derives from ``BaseException`` so that LangChain's own ``except
-    Exception`` around handlers lets it through. In inline mode the caller of
-    ``stream()``/``invoke()`` receives it at once; in offload mode it is raised
-    into the same run at that run's next event.
-    """
-
-    def __init__(self, reason: str = "stopped by a callback handler") -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def own_task_is_cancelling() -> bool:
@@ -41,10 +36,7 @@ def own_task_is_cancelling() -> bool:
         task = asyncio.current_task()
     except RuntimeError:  # no running loop on this thread
         return False
-    if task is None:
-        return False
-    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
-    return bool(cancelling()) if cancelling is not None else False
+    return task is not None and _compat.task_cancelling(task)
 
 
 def passes_through_caller(exc: BaseException) -> bool:
@@ -157,3 +149,167 @@ async def contained(awaitable: Any) -> Any:
 
 def unwrap(exc: BaseException) -> BaseException:
     return exc.original if isinstance(exc, Contained) else exc
+
+
+# --- running an async hook ---------------------------------------------------------
+
+
+async def run_here(coro: Any, timeout: float) -> BaseException | None:
+    """Await a handler coroutine in the caller's own task; return what it raised, if anything.
+
+    Used for inline async hooks, so context the hook sets stays visible to the
+    caller's later hooks, as it would bare. Past ``timeout`` it is cancelled and
+    reported as a ``TimeoutError``. A real cancellation of the caller's task
+    passes through.
+    """
+    if _compat.timeout_scope is None:  # pragma: no cover - Python 3.10: a task of its own
+        return await run_bounded(coro, contextvars.copy_context(), timeout)
+    limit = _compat.timeout_scope(timeout)
+    try:
+        async with limit:
+            await coro
+    except TimeoutError as exc:
+        if not limit.expired():
+            return exc  # the handler's own TimeoutError
+        if own_task_is_cancelling():
+            raise
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    except asyncio.CancelledError as exc:
+        if own_task_is_cancelling():
+            raise
+        return exc
+    except BaseException as exc:
+        return unwrap(exc)
+    return None
+
+
+async def run_bounded(
+    coro: Any, context: contextvars.Context, timeout: float
+) -> BaseException | None:
+    """Run a handler coroutine as a task in ``context``; return what it raised, if anything.
+
+    The task is never awaited directly: a task that ends with ``GeneratorExit``
+    is thrown into its awaiter with *close* semantics, which would silently
+    close our own coroutines. Past ``timeout`` it is cancelled and reported as
+    a ``TimeoutError``; if the handler ignores the cancellation we still move on.
+    """
+    loop = asyncio.get_running_loop()
+    task = _compat.task_in_context(loop, contained(coro), context)
+    finished: asyncio.Future[None] = loop.create_future()
+    timed_out = False
+
+    def wake(_: object) -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        task.cancel()
+        wake(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(timeout, expire)
+    try:
+        await finished
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        timer.cancel()
+    if timed_out:
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    if task.cancelled():
+        return asyncio.CancelledError()
+    error = task.exception()
+    return None if error is None else unwrap(error)
+
+
+class _Timeout(Exception):
+    """Raised by ``_Drive`` once the handler's time is up and it has been closed."""
+
+
+class _Drive:
+    """Runs the rest of a handler coroutine inside the awaiting task, each step in its context.
+
+    A task per event costs more than most async handlers do; stepping the
+    coroutine here needs no task, no future and no extra loop iteration. The
+    awaiting consumer task passes on whatever the handler waits for, exactly
+    as it would for its own awaits.
+    """
+
+    __slots__ = ("context", "coro", "first", "timed_out")
+
+    def __init__(self, coro: Any, first: Any, context: contextvars.Context) -> None:
+        self.coro, self.first, self.context = coro, first, context
+        self.timed_out = False
+
+    def __await__(self) -> Any:
+        coro, run = self.coro, self.context.run
+        value = self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as thrown:
+                if self.timed_out:
+                    self._cancel_for_timeout(thrown)
+                try:
+                    value = run(coro.throw, thrown)
+                except StopIteration:
+                    return
+                continue
+            try:
+                value = run(coro.send, sent)
+            except StopIteration:
+                return
+
+    def _cancel_for_timeout(self, cancellation: BaseException) -> None:
+        """Cancel the handler as asyncio would; if it carries on regardless, close it."""
+        try:
+            self.context.run(self.coro.throw, cancellation)
+        except BaseException:  # finished, cancelled or failed: either way it is over
+            raise _Timeout from None
+        with contextlib.suppress(RuntimeError):  # it ignored GeneratorExit too: move on
+            self.coro.close()
+        raise _Timeout
+
+
+async def drive_bounded(
+    coro: Any, context: contextvars.Context, timeout: float
+) -> BaseException | None:
+    """Run a handler coroutine within the current task; return what it raised, if anything.
+
+    Its first step runs at once (most handlers finish without suspending);
+    the rest is stepped by ``_Drive``. Past ``timeout`` the handler is closed
+    and a ``TimeoutError`` returned. Cancelling the current task still
+    cancels it: that cancellation is passed into the handler, then re-raised.
+    """
+    try:
+        first = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    except BaseException as exc:
+        return exc
+    drive = _Drive(coro, first, context)
+    task = asyncio.current_task()
+    assert task is not None
+
+    def expire() -> None:
+        drive.timed_out = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        await drive
+    except _Timeout:
+        _compat.task_uncancel(task)
+        return TimeoutError(f"async hook exceeded timeout={timeout}s")
+    except asyncio.CancelledError as exc:
+        if own_task_is_cancelling():
+            raise  # the consumer itself is being cancelled: pass it on
+        return exc  # the handler cancelled itself
+    except BaseException as exc:
+        return exc
+    finally:
+        timer.cancel()
+    return None

@@ -1,290 +1,33 @@
-"""Accounting, circuit breaker, logs and metrics for one hardened handler.
+"""Accounting for one hardened handler: counts per outcome and hook, timings, and ``Stats``.
 
-Everything here runs on the delivery side (workers and loop consumers), never
-on the token path: the emitter only bumps one lock-free counter.
+Consumers deliver events in batches and ``commit`` each batch under one
+lock, so a snapshot is always one consistent state. The emitting side only
+bumps a lock-free counter (``emitted``) and, for drops, a counted in-memory
+record: log lines and metrics go out from the delivery side. The breaker,
+logs and metrics live in their own modules; this one ties them together.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-import os
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import structlog
-from opentelemetry import metrics
-from opentelemetry.metrics._internal import _ProxyMeterProvider
-
-from ._hooks import ERROR_HOOKS, HOOKS
+from ._breaker import BreakerState, Clock
+from ._compat import count_value
+from ._hooks import ERROR_HOOKS
 from ._isolation import error_type
+from ._logs import FailureLog, logger, render_payload, write
+from ._metrics import instruments, sdk_configured
 from ._options import Options
 from ._stats import Estimator, HookStats, Stats
 
-Clock = Callable[[], float]
 DELIVERED, FAILED, DROPPED, SKIPPED = "delivered", "failed", "dropped", "skipped"
-_OUTCOMES = (DELIVERED, FAILED, DROPPED, SKIPPED)
 _MAX_TRACKED_RUNS = 10_000
-PAIRED_HOOKS = frozenset(
-    hook for hook in HOOKS if hook.endswith(("_start", "_end")) or hook in ERROR_HOOKS
-)
-
-_stdlib_logger = structlog.wrap_logger(
-    logging.getLogger("safecallbacks"),
-    processors=[
-        structlog.processors.format_exc_info,
-        structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
-    ],
-    wrapper_class=structlog.stdlib.BoundLogger,
-)
-
-
-def logger() -> Any:
-    """The structlog logger to use now.
-
-    An application that configured structlog gets our events through its own
-    pipeline. One that did not would otherwise see them printed to stdout, so
-    they go to the stdlib logger ``safecallbacks`` instead, where logging's
-    usual configuration (or its last-resort stderr handler) decides.
-    """
-    if structlog.is_configured():
-        return structlog.get_logger("safecallbacks")
-    return _stdlib_logger
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def count_value(counter: itertools.count[int]) -> int:
-    """How many values ``counter`` has handed out.
-
-    ``next()`` on an ``itertools.count`` is atomic under the GIL, which makes
-    it the cheapest exact counter for many emitting threads; its repr is the
-    only way to read it without consuming a value.
-    """
-    return int(repr(counter)[len("count(") : -1])
-
-
-class _Instruments:
-    """The package's OpenTelemetry instruments on one meter provider."""
-
-    def __init__(self, provider: metrics.MeterProvider) -> None:
-        meter = provider.get_meter("safecallbacks", _version())
-        self.events = meter.create_counter(
-            "safecallbacks.events",
-            unit="{event}",
-            description="Callback events by outcome (delivered, failed, dropped, skipped).",
-        )
-        self.duration = meter.create_histogram(
-            "safecallbacks.handler.duration",
-            unit="s",
-            description="Time the wrapped handler spent on one event.",
-        )
-        self.lag = meter.create_histogram(
-            "safecallbacks.delivery.lag",
-            unit="s",
-            description="Time from emission of an event to the start of its delivery.",
-        )
-        self.breaker_changes = meter.create_counter(
-            "safecallbacks.breaker.state_changes",
-            unit="{change}",
-            description="Circuit-breaker transitions, by the state entered.",
-        )
-        meter.create_observable_gauge(
-            "safecallbacks.queue.depth",
-            callbacks=[_observe_depths],
-            unit="{event}",
-            description="Events waiting for delivery, per handler.",
-        )
-
-
-_instruments_lock = threading.Lock()
-_instruments_by_provider: dict[int, tuple[metrics.MeterProvider, _Instruments]] = {}
-_depth_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
-
-
-def _lock_after_fork() -> None:
-    global _instruments_lock
-    _instruments_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_lock_after_fork)
-
-
-def register_depth_source(source: Callable[[], Iterable[tuple[str, int]]]) -> None:
-    """Let the dispatcher report queue depths to the observable gauge."""
-    _depth_sources.append(source)
-
-
-def _observe_depths(_options: Any) -> Iterable[metrics.Observation]:
-    for source in _depth_sources:
-        for name, depth in source():
-            yield metrics.Observation(depth, {"handler": name})
-
-
-def instruments() -> _Instruments:
-    """The instruments for the current global meter provider (created once per provider)."""
-    provider = metrics.get_meter_provider()
-    found = _instruments_by_provider.get(id(provider))
-    if found is not None and found[0] is provider:
-        return found[1]
-    with _instruments_lock:
-        made = _Instruments(provider)
-        _instruments_by_provider[id(provider)] = (provider, made)
-        return made
-
-
-class BreakerState:
-    """Closed → open after N consecutive failures → half-open trial → closed or open."""
-
-    def __init__(self, failures: int | None, reset: float, clock: Clock) -> None:
-        self.threshold = failures
-        self.reset = reset
-        self.clock = clock
-        self.state = "closed"
-        self.consecutive = 0
-        self.opened_at = 0.0
-        self.trial_running = False
-
-    def admit(self) -> tuple[bool, str | None]:
-        """Whether the next event may run, and the state entered if that changed."""
-        if self.threshold is None or self.state == "closed":
-            return True, None
-        if self.state == "open" and self.clock() - self.opened_at >= self.reset:
-            self.state = "half_open"
-            self.trial_running = True
-            return True, "half_open"
-        if self.state == "half_open" and not self.trial_running:
-            self.trial_running = True
-            return True, None
-        return False, None
-
-    def succeeded(self) -> str | None:
-        self.consecutive = 0
-        if self.state == "half_open":
-            self.state = "closed"
-            self.trial_running = False
-            return "closed"
-        return None
-
-    def failed(self) -> str | None:
-        self.consecutive += 1
-        if self.threshold is None:
-            return None
-        if self.state == "half_open" or (
-            self.state == "closed" and self.consecutive >= self.threshold
-        ):
-            self.state = "open"
-            self.opened_at = self.clock()
-            self.trial_running = False
-            return "open"
-        return None
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _handler_stack(exc: BaseException) -> str:
-    """The failure's stack without our own delivery frames: where the handler went wrong."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)]
-    return "".join(traceback.format_list(own or frames))
-
-
-def _render_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    shown = {k: v for k, v in kwargs.items() if k not in ("run_id", "parent_run_id")}
-    text = f"args={args!r} kwargs={shown!r}"
-    return text if len(text) <= 2000 else text[:2000] + "…"
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
-
-
-class _FailureLog:
-    """First failure per (hook, error type) in full, then periodic summaries."""
-
-    def __init__(self, handler: str, options: Options, clock: Clock) -> None:
-        self.handler = handler
-        self.payloads = options.log_payloads
-        self.interval = options.summary_interval
-        self.clock = clock
-        self.seen: set[tuple[str, str]] = set()
-        self.unreported: dict[tuple[str, str], int] = {}
-        self.window_start: dict[tuple[str, str], float] = {}
-        # Lines decided under the observer's lock, written after it is released:
-        # a slow log sink must never hold a lock an emitting thread may need.
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def take_lines(self) -> list[tuple[str, str, dict[str, Any]]]:
-        lines, self.lines = self.lines, []
-        return lines
-
-    def failure(
-        self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
-    ) -> None:
-        key = (hook, error_type(exc))
-        now = self.clock()
-        if key not in self.seen:
-            self.seen.add(key)
-            self.window_start[key] = now
-            self._first(hook, exc, run_id, payload)
-            return
-        self.unreported[key] = self.unreported.get(key, 0) + 1
-        if now - self.window_start[key] >= self.interval:
-            self._summarise(key, now)
-
-    def summarise_all(self) -> None:
-        now = self.clock()
-        for key in list(self.unreported):
-            self._summarise(key, now)
-
-    def _summarise(self, key: tuple[str, str], now: float) -> None:
-        count = self.unreported.pop(key, 0)
-        started = self.window_start.get(key, now)
-        self.window_start[key] = now
-        if count:
-            fields = {
-                "handler": self.handler,
-                "hook": key[0],
-                "error_type": key[1],
-                "count": count,
-                "seconds": round(now - started, 3),
-                "message": f"failed {count:,} times in the last {_seconds(now - started)}",
-            }
-            self.lines.append(("warning", "handler_failures_summary", fields))
-
-    def _first(
-        self, hook: str, exc: BaseException, run_id: object, payload: Callable[[], str]
-    ) -> None:
-        fields: dict[str, Any] = {
-            "handler": self.handler,
-            "hook": hook,
-            "run_id": str(run_id) if run_id is not None else None,
-            "error_type": error_type(exc),
-        }
-        if self.payloads:
-            fields["error"] = str(exc)
-            fields["payload"] = payload()
-            fields["exc_info"] = exc
-        else:
-            # The message and locals may quote prompt or token text: keep only the stack.
-            fields["traceback"] = _handler_stack(exc)
-        self.lines.append(("error", "handler_failed", fields))
-
-
-def _write(lines: list[tuple[str, str, dict[str, Any]]]) -> None:
-    for level, event, fields in lines:
-        getattr(logger(), level)(event, **fields)
 
 
 class Batch:
@@ -315,12 +58,6 @@ class Batch:
         return len(self.durations)
 
 
-def sdk_configured() -> bool:
-    """True once the application installed a real OpenTelemetry meter provider."""
-    provider = metrics.get_meter_provider()
-    return not isinstance(provider, (metrics.NoOpMeterProvider, _ProxyMeterProvider))
-
-
 class Observer:
     """Counts, timings, breaker and logs of one hardened handler.
 
@@ -347,7 +84,7 @@ class Observer:
         self.breaker = BreakerState(
             breaker.failures if breaker else None, breaker.reset if breaker else 0.0, clock
         )
-        self._log = _FailureLog(name, options, clock)
+        self._log = FailureLog(name, options, clock)
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         self.on_breaker_change: Callable[[], None] | None = None
         self.on_success: Callable[[], None] | None = None
@@ -436,13 +173,13 @@ class Observer:
         """Note a failure at once (breaker, first-failure log); returns its error type."""
 
         def payload() -> str:  # only rendered when the user opted in to payload logging
-            return _render_payload(args, kwargs or {})
+            return render_payload(args, kwargs or {})
 
         with self._lock:
             entered = self.breaker.failed()
             self._log.failure(hook, exc, run_id, payload)
             lines = self._log.take_lines()
-        _write(lines)
+        write(lines)
         if entered:
             self.breaker_changed(entered)
         return error_type(exc)
@@ -518,7 +255,7 @@ class Observer:
             self._log.summarise_all()
             lines = self._log.take_lines()
             drops, self._unreported_drops = self._unreported_drops, {}
-        _write(lines)
+        write(lines)
         self._report_drops(drops)
         self.emit_pending()
 

@@ -263,7 +263,7 @@ def options_of(handler: BaseCallbackHandler) -> Options:
 
 def worker_threads() -> int:
     """Live delivery worker threads in this process (0 once idle workers have exited)."""
-    from ._dispatch import worker_threads as count
+    from ._workers import worker_threads as count
 
     return count()
 
@@ -274,7 +274,7 @@ def retire_idle_workers(timeout: float = 10.0) -> bool:
     For tests of what the first event after a quiet spell costs. True once no
     worker is left within ``timeout``; the usual idle time is restored after.
     """
-    from ._dispatch import pool
+    from ._workers import pool
 
     workers = pool()
     usual = workers.idle_exit

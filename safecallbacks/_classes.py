@@ -1,0 +1,180 @@
+"""Class hardening: the generated subclass whose hooks are recorders.
+
+``harden(h)`` and ``harden(SomeClass)`` make (once per class and options) a
+subclass of the handler's own class, so ``isinstance`` holds and its state
+and other methods stay its own; ``SafeHandler`` subclasses get the same
+treatment from ``__init_subclass__``. Every hook the class implements, its own
+or inherited (framework hooks included), gets a recorder; ``ignore_*``
+properties are made unable to raise. Nothing here runs on the token path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any, cast
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from . import _compat
+from ._compat import reinit_lock_after_fork
+from ._hardened import (
+    CORE_LOCK,
+    HookAttribute,
+    _Hardened,
+    engine,
+    is_settler,
+    make_engine,
+    recorder_for,
+    settler,
+)
+from ._hooks import END_HOOKS, IGNORE_FLAGS, implemented_hooks, is_async_callable
+from ._options import Options, make_options
+
+_BASE_FLAGS = {flag: BaseCallbackHandler.__dict__[flag] for flag in IGNORE_FLAGS}
+
+
+def _isolated_flag(flag: str, original: Any) -> property:
+    """An ``ignore_*`` property that can never raise into LangChain."""
+
+    def safe(self: Any) -> bool:
+        try:
+            return bool(original.__get__(self, type(self)))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            engine(self).observer.announce_once(
+                f"flag:{flag}", "ignore_flag_failed", flag=flag, error_type=type(exc).__qualname__
+            )
+            return False
+
+    guarded = property(safe, doc=f"{flag}, read from the handler's own definition, never raising.")
+    safe._sc_flag = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _is_guarded(value: Any) -> bool:
+    return isinstance(value, property) and getattr(value.fget, "_sc_flag", False)
+
+
+def harden_class_body(cls: type) -> None:
+    """Give ``cls`` a recorder for every hook it implements, its own or inherited."""
+    originals: dict[str, Any] = {}
+    for hook, value in implemented_hooks(cls, look_past=is_settler).items():
+        if getattr(value, "_sc_owner", None) is not None:
+            continue  # already a recorder, from a hardened base
+        originals[hook] = value
+        recorder = recorder_for(hook, value)
+        recorder._sc_owner.append(cls)  # type: ignore[attr-defined]
+        needs_attribute = is_async_callable(value) or hook in END_HOOKS
+        setattr(cls, hook, HookAttribute(hook, recorder) if needs_attribute else recorder)
+    for hook in END_HOOKS:
+        current = inspect.getattr_static(cls, hook, None)
+        if hook not in originals and getattr(current, "_sc_owner", None) is None:
+            setattr(cls, hook, settler(hook))
+    for attr in ("raise_error", "run_inline"):  # never re-raise, never hop threads
+        setattr(cls, attr, _Hardened.__dict__[attr])
+    for flag in IGNORE_FLAGS:
+        value = inspect.getattr_static(cls, flag, None)
+        if (
+            isinstance(value, property)
+            and value is not _BASE_FLAGS[flag]
+            and not _is_guarded(value)
+        ):
+            setattr(cls, flag, _isolated_flag(flag, value))
+    cls._sc_originals = originals  # type: ignore[attr-defined]
+    resolved: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        resolved.update(klass.__dict__.get("_sc_originals", {}))
+    cls._sc_resolved = resolved  # type: ignore[attr-defined]
+
+
+def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``__new__`` of hardened classes: place the engine's stand-in before ``__init__`` runs.
+
+    A handler made by a method of a hardened handler of the same class
+    (``self.__class__(...)``, as ``LangChainTracer.copy_with_metadata_defaults``
+    does) joins that handler's family and takes its options.
+    """
+    new: Any = object.__new__
+    for klass in cls.__mro__:
+        found = klass.__dict__.get("__new__")
+        if found is not None and getattr(found, "__func__", found) is not _hardened_new:
+            new = getattr(found, "__func__", found)
+            break
+    instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
+    maker = _compat.constructing_self()
+    if type(maker) is cls:
+        parent = engine(maker)
+        made = make_engine(instance, parent.requested, parent)
+    else:
+        made = make_engine(instance, cast(Any, cls)._sc_default_options)
+    with contextlib.suppress(AttributeError):  # no __dict__: bound on first use
+        instance.__dict__["_sc_core"] = made
+    return instance
+
+
+class _HardenedClassBase(_Hardened):
+    """Hooks defined in a subclass body, or inherited, are hardened; the engine is per instance.
+
+    Shared by ``SafeHandler`` and by the classes ``harden`` makes from a handler class.
+    """
+
+    __slots__ = ()
+    _sc_default_options: Options = make_options()
+    _sc_resolved: Mapping[str, Any] = {}
+    __new__ = _hardened_new
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        harden_class_body(cls)
+
+
+_classes: dict[tuple[type, Options], type] = {}
+_classes_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    # A fork while another thread held it would leave it held forever in the child.
+    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(_classes_lock))
+
+
+def hardened_class(cls: type, options: Options | None = None) -> type:
+    """The hardened subclass of ``cls`` (one per class and default options)."""
+    defaults = options if options is not None else make_options()
+    key = (cls, defaults)
+    with _classes_lock:
+        found = _classes.get(key)
+        if found is not None:
+            return found
+        namespace: dict[str, Any] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__slots__": (),
+            "__new__": _hardened_new,
+            "_sc_default_options": defaults,
+            "_sc_wrapped_class": cls,
+        }
+        made = type(cls.__name__, (cls, _HardenedClassBase), namespace)
+        if "_sc_originals" not in made.__dict__:  # cls's own __init_subclass__ skipped ours
+            harden_class_body(made)
+        _classes[key] = made
+        return made
+
+
+def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
+    """Make ``handler`` an instance of its hardened class, with its own options."""
+    hardened = hardened_class(type(handler))
+    with CORE_LOCK:
+        try:
+            handler.__class__ = hardened
+        except TypeError as exc:
+            raise TypeError(
+                f"cannot harden {type(handler).__qualname__} in place ({exc}); "
+                "harden its class instead: harden(SomeHandler)"
+            ) from None
+        handler.__dict__["_sc_core"] = make_engine(handler, options)

@@ -1,0 +1,133 @@
+"""Inline delivery: the handler runs in the caller, isolated.
+
+For tracers and collectors read right after a call (``mode="inline"``, or
+what ``auto`` picks for them): the hook runs on the emitting thread or task,
+in the caller's own context, so timestamps, context it sets and results are
+exactly as bare. Nothing escapes (``_isolation``); async hooks are awaited as
+LangChain would await the bare handler, bounded by ``timeout``. This is the
+token path by design: guarantee 2 ("nothing stalls") does not hold here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._isolation import acall_hook, call_hook, passes_through_caller, run_bounded, run_here
+from ._observe import Batch
+
+if TYPE_CHECKING:
+    from ._dispatch import Dispatcher
+
+_now = time.monotonic
+
+PLAIN_RESULTS: set[type] = {type(None), bool, int, str}
+"""Types a hook returned that are known not to be awaitable (checked once per type)."""
+
+
+class InlineCalls:
+    """Calling one engine's handler in the caller, and accounting for each call at once."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: Dispatcher) -> None:
+        self.engine = engine
+
+    def call(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        run_id = kwargs.get("run_id")
+        if not self.engine.observer.admit(hook, run_id):
+            return
+        started = _now()
+        error: BaseException | None = None
+        try:
+            result = call_hook(self.engine.resolve, self.engine.target, hook, args, kwargs)
+            if result is not None and isinstance(result, Awaitable):
+                self.engine.await_elsewhere(result, None)
+        except BaseException as exc:
+            if passes_through_caller(exc):
+                self._commit(hook, run_id, None, started, started, args, kwargs)
+                raise
+            error = exc
+        self._commit(hook, run_id, error, started, started, args, kwargs)
+
+    async def acall(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Inline mode on the async path: LangChain awaits this, so the handler is awaited here.
+
+        Exactly as LangChain would run the bare handler: a ``run_inline`` handler
+        in the caller's own task and context (context it sets is seen by later
+        hooks), any other in a task of its own with a copy of the context (which
+        also lets the loop run other tasks between events, as consumers of
+        ``AsyncIteratorCallbackHandler`` rely on). ``timeout`` bounds it.
+        """
+        if not self.engine.accept(hook, kwargs):
+            return
+        run_id = kwargs.get("run_id")
+        if not self.engine.observer.admit(hook, run_id):
+            return
+        started = _now()
+        coro = acall_hook(self.engine.resolve, self.engine.target, hook, args, kwargs)
+        if self.engine.bare_run_inline:  # LangChain would await it in the caller's task
+            error = await run_here(coro, self.engine.options.timeout)
+        else:  # LangChain would gather it: a task of its own, in a copy of the context
+            error = await run_bounded(coro, contextvars.copy_context(), self.engine.options.timeout)
+        if error is not None and passes_through_caller(error):
+            self._commit(hook, run_id, None, started, started, args, kwargs)
+            raise error
+        self._commit(hook, run_id, error, started, started, args, kwargs)
+
+    def result(
+        self, hook: str, result: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """The inline fast path's hook returned something: an awaitable is run to its end."""
+        if not isinstance(result, Awaitable):
+            if len(PLAIN_RESULTS) < 256:
+                PLAIN_RESULTS.add(type(result))  # e.g. a tracer's Run: never check it again
+            next(self.engine.inline_counts[hook])
+            return
+        try:
+            self.engine.await_elsewhere(result, None)
+        except BaseException as exc:
+            self.failed(hook, exc, args, kwargs)
+            return
+        next(self.engine.inline_counts[hook])
+
+    def failed(
+        self, hook: str, exc: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """The inline fast path's handler raised ``exc``: account, fall back, or pass it on."""
+        next(self.engine.emitted)
+        self.engine.failing = True
+        run_id = kwargs.get("run_id")
+        at = _now()
+        if hook == "on_chat_model_start" and isinstance(exc, NotImplementedError):
+            # LangChain's own fallback: the handler gets on_llm_start instead.
+            error: BaseException | None = None
+            try:
+                call_hook(self.engine.resolve, self.engine.target, hook, args, kwargs)
+            except BaseException as again:
+                if passes_through_caller(again):
+                    self._commit(hook, run_id, None, at, at, args, kwargs)
+                    raise
+                error = again
+            self._commit(hook, run_id, error, at, at, args, kwargs)
+            return
+        if passes_through_caller(exc):
+            self._commit(hook, run_id, None, at, at, args, kwargs)
+            raise exc
+        self._commit(hook, run_id, exc, at, at, args, kwargs)
+
+    def _commit(
+        self,
+        hook: str,
+        run_id: object,
+        error: BaseException | None,
+        started: float,
+        at: float,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        batch = Batch()
+        self.engine.add_result(batch, hook, run_id, error, started, at, args, kwargs)
+        self.engine.observer.commit(batch)

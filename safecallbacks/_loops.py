@@ -1,0 +1,182 @@
+"""Async delivery: one consumer task per (handler, loop), and the background loop.
+
+Handlers whose hooks are all ``async def`` are delivered on the event loop
+that emitted the event, where their clients and sessions live; events from
+plain sync code go to one shared background loop. The consumer steps each
+handler coroutine inside itself (no task per event) and lingers across short
+gaps, so a paced stream costs one consumer task, not one per token. When a
+loop shuts down, what fits in the exit budget is delivered and the rest is
+counted as dropped. On the token path: ``LoopLane.kick`` schedules the
+consumer when the lane goes from idle to busy, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ._compat import get_running_loop
+from ._observe import Batch
+from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
+
+if TYPE_CHECKING:
+    from ._dispatch import Dispatcher
+
+_now = time.monotonic
+
+
+class LoopLane(Lane):
+    """Drained by a task on one event loop (the emitter's, or the background one)."""
+
+    def __init__(self, core: Dispatcher, loop: asyncio.AbstractEventLoop, background: bool) -> None:
+        super().__init__(core)
+        self.loop = loop
+        self.background = background
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def _may_block(self) -> bool:
+        # Blocking the loop that must drain this lane could never make room.
+        return get_running_loop() is not self.loop
+
+    def kick(self) -> None:
+        with self._lock:
+            if self.scheduled:
+                return
+            self.scheduled = True
+        loop = self.loop
+        assert loop is not None
+        try:
+            if get_running_loop() is loop:
+                loop.call_soon(self._start)
+            else:
+                loop.call_soon_threadsafe(self._start)
+        except RuntimeError:  # the loop is closed: nothing will ever drain it
+            self.scheduled = False
+            self.discard_all("loop_closed")
+
+    def _start(self) -> None:
+        assert self.loop is not None
+        self._task = self.loop.create_task(self._consume())
+
+    def _unschedule(self) -> bool:
+        with self._lock:
+            self.scheduled = False
+            if self.queue:
+                self.scheduled = True
+                return False
+            return True
+
+    async def _consume(self) -> None:
+        try:
+            while True:
+                await self._drain()
+                # Stay a moment for the next event (a paced stream's next token), as
+                # thread lanes do, so a stream costs one consumer task, not one per token.
+                await self._linger()
+                if not self.queue and self._unschedule():
+                    return
+        except asyncio.CancelledError:
+            # The loop is shutting down (asyncio.run cancels leftover tasks and
+            # then waits for them): deliver what fits in the exit budget.
+            await self._salvage()
+            raise
+
+    async def _linger(self) -> None:
+        quiet_since = _now()
+        while not self.queue and _now() - quiet_since < LINGER_SECONDS:
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _drain(self) -> None:
+        queue = self.queue
+        observer = self.core.observer
+        batch = self.batch
+        try:
+            while True:
+                self.note_depth()
+                try:
+                    entry = queue.popleft()
+                except IndexError:
+                    return
+                self._popped()
+                if isinstance(entry, Barrier):
+                    batch = observer.commit(batch, self)
+                    self.took_barrier(entry)
+                    continue
+                await self.core.deliver_async(self, entry, batch)
+                if len(batch) >= 64:
+                    batch = observer.commit(batch, self)
+        finally:
+            observer.commit(batch, self)
+
+    async def _salvage(self) -> None:
+        deadline = _now() + self.core.options.exit_timeout
+        try:
+            while self.queue and _now() < deadline:
+                entry = self.queue.popleft()
+                if isinstance(entry, Barrier):
+                    self.took_barrier(entry)
+                    continue
+                batch = Batch()
+                try:  # cut off by the deadline, deliver_async counts it as dropped
+                    await asyncio.wait_for(
+                        self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
+                    )
+                finally:
+                    self.core.observer.commit(batch)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.discard_all("loop_closed")
+            self.scheduled = False
+
+    def reap_if_dead(self) -> None:
+        """A closed loop will never drain this lane: count what is left as dropped."""
+        loop = self.loop
+        if loop is not None and loop.is_closed():
+            if self.inflight is not None:  # its consumer task died with the loop
+                self.core.observer.dropped(self.inflight, reason="loop_closed")
+                self.busy_since = self.inflight = None
+            self.discard_all("loop_closed")
+
+
+# --- the shared background loop -------------------------------------------------
+
+_BACKGROUND: asyncio.AbstractEventLoop | None = None
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """One long-lived loop for async hooks whose events came from plain sync code."""
+    global _BACKGROUND
+    found = _BACKGROUND
+    if found is not None and not found.is_closed():
+        return found
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None or _BACKGROUND.is_closed():
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            threading.Thread(target=run, name="safecallbacks-loop", daemon=True).start()
+            started.wait(5.0)
+            _BACKGROUND = loop
+        return _BACKGROUND
+
+
+def _reset_after_fork() -> None:
+    """The parent's background loop thread does not exist in a forked child."""
+    global _BACKGROUND, _BACKGROUND_LOCK
+    _BACKGROUND = None
+    _BACKGROUND_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

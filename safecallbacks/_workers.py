@@ -1,0 +1,327 @@
+"""Sync delivery: the shared worker pool, its watchdog, and the drain loop of a lane.
+
+Workers only drain lanes, one lane at a time per worker, so each handler sees
+its events in order and one at a time, and a hung handler only ever holds its
+own worker. While a lane has traffic it "lingers": the watchdog polls it every
+few milliseconds instead of being woken per event, so a CPU-bound stream pays
+no wake-up or GIL hand-off per token. Threads are started by the watchdog or
+by workers, never on the token path; the only emitter-side call here is
+``Pool.kick`` when a lane goes from idle to busy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
+from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
+from ._stopping import StopStream
+
+_now = time.monotonic
+
+BATCH = 512  # events one worker takes from one lane before giving others a turn
+WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
+SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
+MAX_WORKERS = 64
+WATCHDOG_OUTLIVES = 12  # the watchdog stays this many worker idle-exit times after them
+IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
+
+
+class ThreadLane(Lane):
+    """Drained by the shared worker pool."""
+
+    def kick(self) -> None:
+        pool().kick(self)
+
+    def drain(self, budget: int) -> None:
+        """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event)."""
+        queue = self.queue
+        self.note_depth()
+        core = self.core
+        stops = core.stops
+        observer = core.observer
+        breaker = observer.breaker
+        batch = self.batch
+        durations, lags, hooks, counts = batch.durations, batch.lags, batch.hooks, batch.counts
+        calls: dict[str, Callable[..., Any]] = {}
+        started = _now()
+        try:
+            for _ in range(budget):
+                try:
+                    entry = queue.popleft()
+                except IndexError:
+                    return
+                if self._space_waiters:
+                    self._popped()
+                if entry.__class__ is Barrier:
+                    batch = observer.commit(batch, self)  # exact counts once a flush returns
+                    durations, lags, hooks, counts = (
+                        batch.durations,
+                        batch.lags,
+                        batch.hooks,
+                        batch.counts,
+                    )
+                    self.took_barrier(entry)
+                    started = _now()
+                    continue
+                hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
+                run_id = kwargs.get("run_id")
+                if hook in START_HOOKS:
+                    stops.remember_parent(run_id, kwargs)
+                if breaker.state != "closed" and not observer.admit(hook, run_id):
+                    continue
+                call = calls.get(hook)
+                if call is None:
+                    call = calls[hook] = core.sync_call(hook)
+                self.busy_since, self.inflight = started, hook
+                kind: str | None = None
+                try:
+                    result = context.run(call, *args, **kwargs)
+                    if result is not None and isinstance(result, Awaitable):
+                        context.run(core.await_elsewhere, result, loop)
+                except StopStream as stop:
+                    stops.mark(hook, run_id, stop)
+                except BaseException as exc:  # a worker must survive whatever a handler does
+                    kind = observer.failure(hook, exc, run_id, args, kwargs)
+                self.busy_since = self.inflight = None  # settled: no longer pending
+                if hook in END_HOOKS:
+                    stops.run_ended(run_id)
+                ended = _now()
+                if kind is None and breaker.consecutive:
+                    observer.outcome(True)
+                durations.append(ended - started)
+                lags.append(started - emitted_at)
+                hooks.append(hook)
+                key = (hook, kind)
+                counts[key] = counts.get(key, 0) + 1
+                if kind is None and hook in PAIRED_HOOKS:
+                    observer.track_run(hook, run_id)
+                started = ended
+        finally:
+            self.busy_since, self.inflight = None, None
+            self.stuck_reported = False
+            observer.commit(batch, self)
+
+
+# --- the shared worker pool ---------------------------------------------------
+
+
+def _idle_exit_seconds() -> float:
+    try:
+        return max(float(os.environ.get(IDLE_EXIT_ENV, "5")), 0.01)
+    except ValueError:
+        return 5.0
+
+
+class Pool:
+    """Worker threads shared by every hardened sync handler in the process, and one watchdog.
+
+    Workers only drain lanes. The watchdog polls lanes that are between
+    batches ("lingering"), reports stuck deliveries, and starts another worker
+    only when a ready lane has waited ``SPAWN_DELAY`` with no worker free: so
+    microsecond handlers share a couple of threads however many handlers there
+    are, while a hung handler costs one thread and delays the others by at
+    most that delay. Idle workers, and the watchdog when nothing is left to
+    watch, exit after ``idle_exit`` seconds.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # idle workers wait here
+        self.watch = threading.Condition(self.lock)  # the watchdog waits here
+        self.ready: deque[ThreadLane] = deque()
+        self.lingering: dict[ThreadLane, float] = {}
+        self.busy: set[ThreadLane] = set()
+        self.threads: set[threading.Thread] = set()
+        self.watchdog: threading.Thread | None = None
+        self.idle = 0
+        self.starting = 0  # workers started that have not looked for work yet
+        self.idle_exit = _idle_exit_seconds()
+        self._serial = 0
+
+    def kick(self, lane: ThreadLane) -> None:
+        """Emitter side: a lane went from idle to busy. Never starts a worker here:
+        an idle worker is woken, or the watchdog starts one (off the token path)."""
+        with self.lock:
+            if lane.scheduled:
+                return
+            lane.scheduled = True
+            self._make_ready(lane, _now())
+            self._ensure_watchdog()
+
+    def forget(self, lane: ThreadLane) -> None:
+        """Stop watching a closed handler's lane, so it needs no polling."""
+        with self.lock:
+            if self.lingering.pop(lane, None) is not None:
+                lane.scheduled = False
+
+    def _make_ready(self, lane: ThreadLane, now: float) -> None:
+        lane.ready_at = now
+        self.ready.append(lane)
+        if self.idle:
+            self.cond.notify()
+
+    def _spawn(self) -> None:
+        if len(self.threads) >= MAX_WORKERS:
+            return
+        self.starting += 1
+        self._serial += 1
+        thread = threading.Thread(
+            target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
+        )
+        self.threads.add(thread)
+        thread.start()
+
+    def _ensure_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = threading.Thread(
+                target=self._watch, name="safecallbacks-watchdog", daemon=True
+            )
+            self.watchdog.start()
+        else:
+            self.watch.notify()
+
+    # --- workers ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        with self.lock:
+            self.starting -= 1
+        while True:
+            lane = self._next_lane()
+            if lane is None:
+                return
+            try:
+                lane.drain(BATCH)
+            except BaseException as exc:  # our own bug: never let it kill the pool
+                lane.core.observer.announce_once(
+                    "internal", "internal_error", error_type=type(exc).__qualname__
+                )
+            finally:
+                self._after_drain(lane)
+
+    def _next_lane(self) -> ThreadLane | None:
+        with self.lock:
+            idle_since = _now()
+            while not self.ready:
+                self.idle += 1
+                self.cond.wait(self.idle_exit)
+                self.idle -= 1
+                if not self.ready and _now() - idle_since >= self.idle_exit:
+                    self.threads.discard(threading.current_thread())
+                    return None
+            lane = self.ready.popleft()
+            self.busy.add(lane)
+            return lane
+
+    def _after_drain(self, lane: ThreadLane) -> None:
+        with self.lock:
+            self.busy.discard(lane)
+            if lane.queue:
+                self._make_ready(lane, _now())
+            else:
+                self.lingering[lane] = _now()
+            self._ensure_watchdog()
+
+    # --- the watchdog -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        with self.lock:
+            quiet_since = _now()
+            while True:
+                now = _now()
+                self._poll(now)
+                self._write_logs()
+                if self.lingering or self.ready or self.busy or self.threads:
+                    quiet_since = now
+                elif now - quiet_since >= self.idle_exit * WATCHDOG_OUTLIVES:
+                    # It outlives the workers, so a stream after a quiet spell has its
+                    # worker started here, not on the emitting thread.
+                    self.watchdog = None
+                    return
+                self.watch.wait(POLL_SECONDS if self.lingering or self.ready else WATCHDOG_SECONDS)
+
+    def _write_logs(self) -> None:
+        """Write lines handlers queued (a drop, a stuck delivery), with the pool lock released."""
+        lanes = [*self.busy, *self.lingering, *self.ready]
+        waiting = [lane.core.observer for lane in lanes if lane.core.observer.has_pending_logs()]
+        if not waiting:
+            return
+        self.lock.release()
+        try:
+            for observer in waiting:
+                observer.emit_pending()
+        finally:
+            self.lock.acquire()
+
+    def _poll(self, now: float) -> None:
+        """Move lingering lanes with new events to ready; let quiet ones go idle."""
+        for lane, since in list(self.lingering.items()):
+            if lane.queue:
+                del self.lingering[lane]
+                self._make_ready(lane, now)
+            elif now - since >= LINGER_SECONDS:
+                del self.lingering[lane]
+                lane.scheduled = False
+                if lane.queue:  # an event slipped in before the flag dropped
+                    lane.scheduled = True
+                    self._make_ready(lane, now)
+        waited = now - self.ready[0].ready_at if self.ready else 0.0
+        if (
+            self.ready
+            and not self.idle
+            and not self.starting
+            and (waited >= SPAWN_DELAY or not self.threads)
+        ):
+            self._spawn()  # every worker is busy, maybe hung: add one
+        for lane in self.busy:
+            if lane.stuck(now) and not lane.stuck_reported:
+                lane.stuck_reported = True
+                lane.core.observer.announce_once(
+                    "stuck",
+                    "handler_stuck",
+                    hook=lane.inflight,
+                    seconds=round(now - (lane.busy_since or now), 3),
+                )
+
+
+_POOL: Pool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool() -> Pool:
+    global _POOL
+    found = _POOL
+    if found is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = Pool()
+            found = _POOL
+    return found
+
+
+def worker_threads() -> int:
+    """Live worker threads of the pool (for tests and diagnostics)."""
+    found = _POOL
+    return 0 if found is None else len(found.threads)
+
+
+def forget(lane: ThreadLane) -> None:
+    """A closed handler's lane needs no more polling (no pool is made for it)."""
+    if _POOL is not None:
+        _POOL.forget(lane)
+
+
+def _reset_after_fork() -> None:
+    """The child starts with no workers: the parent's threads do not exist in it."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
