@@ -292,7 +292,7 @@ def _stream(model: PacedFakeChatModel, handler: Any, api: str, progress: _Progre
 
 def run_scenario(scenario: Scenario, cfg: DemoConfig, out: TextIO | None = None) -> ScenarioResult:
     """Stream once with the handler bare, once hardened; return both observations."""
-    from . import harden
+    from . import close, flush, harden, stats
 
     sink = out if out is not None else sys.stdout
     model = PacedFakeChatModel(tokens=_demo_tokens(cfg.tokens), interval=cfg.interval)
@@ -307,9 +307,9 @@ def run_scenario(scenario: Scenario, cfg: DemoConfig, out: TextIO | None = None)
         safe = harden(scenario.make(cfg), name=scenario.key)
         progress = _Progress(sink, "hardened", cfg.tokens)
         hardened = _stream(model, safe, cfg.api, progress)
-        hardened.flushed = bool(safe.flush(timeout=cfg.stall + 5.0))
-        hardened.stats = safe.stats()
-        safe.close(timeout=1.0)
+        hardened.flushed = flush(safe, timeout=cfg.stall + 5.0)
+        hardened.stats = stats(safe)
+        close(safe, timeout=1.0)
         hardened.log_lines = logs.lines
         progress.done(hardened)
     return ScenarioResult(scenario.key, _title(scenario, cfg), bare, hardened)

@@ -7,17 +7,21 @@ runs on the token path.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from ._classes import _HardenedClassBase, harden_in_place, hardened_class
 from ._dispatch import Dispatcher
 from ._hardened import CORE_LOCK, _Hardened, engine, make_engine
-from ._options import _UNSET, Options, make_options
+from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
 from ._stats import Stats
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 H = TypeVar("H", bound=BaseCallbackHandler)
 C = TypeVar("C", bound=type[BaseCallbackHandler])
@@ -32,39 +36,11 @@ class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
     that never calls ``super().__init__()`` still works, with the default options.
     """
 
-    def __init__(
-        self,
-        *,
-        mode: Any = _UNSET,
-        max_queue: Any = _UNSET,
-        on_full: Any = _UNSET,
-        block_timeout: Any = _UNSET,
-        timeout: Any = _UNSET,
-        breaker: Any = _UNSET,
-        name: Any = _UNSET,
-        log_payloads: Any = _UNSET,
-        summary_interval: Any = _UNSET,
-        stall_threshold: Any = _UNSET,
-        exit_timeout: Any = _UNSET,
-        settle: Any = _UNSET,
-    ) -> None:
-        options = make_options(
-            mode=mode,
-            max_queue=max_queue,
-            on_full=on_full,
-            block_timeout=block_timeout,
-            timeout=timeout,
-            breaker=breaker,
-            name=name,
-            log_payloads=log_payloads,
-            summary_interval=summary_interval,
-            stall_threshold=stall_threshold,
-            exit_timeout=exit_timeout,
-            settle=settle,
-        )
+    def __init__(self, **options: Unpack[OptionValues]) -> None:
+        resolved = make_options(**options)
         with CORE_LOCK:
             previous = self.__dict__.get("_sc_core")
-            self.__dict__["_sc_core"] = make_engine(self, options)
+            self.__dict__["_sc_core"] = make_engine(self, resolved)
         if isinstance(previous, Dispatcher) and previous.target is self:
             previous.shut("closed")
 
@@ -72,31 +48,24 @@ class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
 # --- the public entry points ----------------------------------------------------
 
 
-@overload
-def harden(target: C, /) -> C: ...
-@overload
-def harden(target: H, /) -> H: ...
-@overload
-def harden(
-    *,
-    mode: Any = ...,
-    max_queue: Any = ...,
-    on_full: Any = ...,
-    block_timeout: Any = ...,
-    timeout: Any = ...,
-    breaker: Any = ...,
-    name: Any = ...,
-    log_payloads: Any = ...,
-    summary_interval: Any = ...,
-    stall_threshold: Any = ...,
-    exit_timeout: Any = ...,
-    settle: Any = ...,
-) -> Callable[[Any], Any]: ...
-@overload
-def harden(target: Any, /, **options: Any) -> Any: ...
+class _NoTarget(enum.Enum):
+    """``harden(**options)`` was called without a handler: it returns a decorator."""
+
+    TOKEN = 0
+
+    def __repr__(self) -> str:
+        return "<none: returns a decorator>"
 
 
-def harden(target: Any = _UNSET, /, **options: Any) -> Any:
+@overload
+def harden(target: C, /, **options: Unpack[OptionValues]) -> C: ...
+@overload
+def harden(target: H, /, **options: Unpack[OptionValues]) -> H: ...
+@overload
+def harden(**options: Unpack[OptionValues]) -> Callable[[C], C]: ...
+
+
+def harden(target: Any = _NoTarget.TOKEN, /, **options: Any) -> Any:
     """Harden a handler instance or class; with only options, return a decorator.
 
     ``harden(handler)`` hardens ``handler`` itself and returns it: it is still
@@ -107,7 +76,7 @@ def harden(target: Any = _UNSET, /, **options: Any) -> Any:
     other options than it has raises ``ValueError``.
     """
     resolved = make_options(**options)
-    if target is _UNSET:
+    if target is _NoTarget.TOKEN:
         return lambda inner: _harden_one(inner, resolved, bool(options))
     return _harden_one(target, resolved, bool(options))
 
@@ -176,7 +145,9 @@ def harden_handler(handler: BaseCallbackHandler, options: Options) -> BaseCallba
     return handler
 
 
-def harden_config(config: Mapping[str, Any] | None = None, /, **options: Any) -> dict[str, Any]:
+def harden_config(
+    config: Mapping[str, Any] | None = None, /, **options: Unpack[OptionValues]
+) -> dict[str, Any]:
     """Return a copy of a ``RunnableConfig`` whose callback handlers are all hardened.
 
     ``callbacks`` may be a list of handlers or a callback manager; a manager
@@ -258,3 +229,9 @@ async def aclose(handler: BaseCallbackHandler, timeout: float = 5.0) -> bool:
 def stats(handler: BaseCallbackHandler) -> Stats:
     """A frozen snapshot of ``handler``'s counts, timings and state (copies included)."""
     return _engine_for(handler, "stats").stats()
+
+
+# help() and IDEs show every option with its real default, taken from ``Options``.
+with_option_signature(SafeHandler.__init__)
+with_option_signature(harden)
+with_option_signature(harden_config)

@@ -17,15 +17,18 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from . import _compat
 from ._classes import harden_in_place
 from ._hardened import _Hardened, engine
-from ._options import Options, make_options
+from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class _Installed:
@@ -106,7 +109,9 @@ def _overrides(
     return found
 
 
-def install(*, overrides: Mapping[Any, Mapping[str, Any]] | None = None, **options: Any) -> None:
+def install(
+    *, overrides: Mapping[Any, Mapping[str, Any]] | None = None, **options: Unpack[OptionValues]
+) -> None:
     """Harden every handler that reaches a LangChain callback manager, from anywhere.
 
     One call at start-up. ``options`` apply to every handler (with ``mode="auto"``
@@ -117,7 +122,7 @@ def install(*, overrides: Mapping[Any, Mapping[str, Any]] | None = None, **optio
     """
     global _installed
     resolved = make_options(**options)
-    per_class = _overrides(overrides, options)
+    per_class = _overrides(overrides, dict(options))
     with _lock:
         if _installed is not None:
             _installed.options, _installed.overrides = resolved, per_class
@@ -150,6 +155,9 @@ def _hardening_add_handler(add_handler: Any) -> Any:
 
     add_handler_hardened._sc_patch = True  # type: ignore[attr-defined]
     return add_handler_hardened
+
+
+with_option_signature(install)
 
 
 def uninstall(timeout: float = 5.0) -> None:

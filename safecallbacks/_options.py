@@ -1,15 +1,22 @@
-"""Options shared by ``SafeHandler``, ``harden`` and ``harden_config``, validated once.
+"""Options shared by ``SafeHandler``, ``harden``, ``harden_config`` and ``install``, defined once.
 
-Every bad value is rejected at construction with a message naming the option,
-so a typo never surfaces as a silent default in the middle of a stream.
+``Options`` is the one source of the option names, defaults, types and
+validation: the public signatures are generated from it (so ``help(harden)``
+shows real defaults) and ``OptionValues`` (for type checkers) is pinned to it
+by a test. Every bad value is rejected at construction with a message naming
+the option, so a typo never surfaces as a silent default in the middle of a
+stream. Nothing here runs on the token path.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from types import FunctionType
+from typing import Any, Literal, TypeAlias, TypedDict
 
 Mode: TypeAlias = Literal["auto", "offload", "inline"]
 OnFull: TypeAlias = Literal["drop_newest", "drop_oldest", "block"]
@@ -17,11 +24,59 @@ OnFull: TypeAlias = Literal["drop_newest", "drop_oldest", "block"]
 MODES: tuple[str, ...] = ("auto", "offload", "inline")
 ON_FULL: tuple[str, ...] = ("drop_newest", "drop_oldest", "block")
 
-DEFAULT_MAX_QUEUE = 10_000
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_BLOCK_TIMEOUT = 1.0
 EXIT_TIMEOUT_ENV = "SAFECALLBACKS_EXIT_TIMEOUT"
 DEFAULT_EXIT_TIMEOUT = 2.0
+
+
+def _number(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{option} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _positive(option: str, value: object) -> float:
+    seconds = _number(option, value)
+    if seconds <= 0:
+        raise ValueError(f"{option} must be a positive finite number of seconds, got {value!r}")
+    return seconds
+
+
+def _non_negative(option: str, value: object) -> float:
+    seconds = _number(option, value)
+    if seconds < 0:
+        raise ValueError(f"{option} must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, object], object]:
+    def check(option: str, value: object) -> object:
+        if value not in choices:
+            raise ValueError(f"{option} must be one of {choices}, got {value!r}")
+        return value
+
+    return check
+
+
+def _count(option: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{option} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{option} must be >= 1, got {value!r}")
+    return value
+
+
+def _flag(option: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{option} must be a bool, got {value!r}")
+    return value
+
+
+def _label(option: str, value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{option} must be a non-empty string or None, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -40,113 +95,17 @@ class Breaker:
             raise TypeError(f"breaker failures must be an int, got {self.failures!r}")
         if self.failures < 1:
             raise ValueError(f"breaker failures must be >= 1, got {self.failures!r}")
-        _positive_number("breaker reset", self.reset)
+        _positive("breaker reset", self.reset)
 
 
-@dataclass(frozen=True)
-class Options:
-    """The validated settings of one hardened handler."""
-
-    mode: Mode = "auto"
-    max_queue: int = DEFAULT_MAX_QUEUE
-    on_full: OnFull = "drop_newest"
-    block_timeout: float = DEFAULT_BLOCK_TIMEOUT
-    timeout: float = DEFAULT_TIMEOUT
-    breaker: Breaker | None = field(default_factory=Breaker)
-    name: str | None = None
-    log_payloads: bool = False
-    summary_interval: float = 10.0
-    stall_threshold: float = 1.0
-    exit_timeout: float = DEFAULT_EXIT_TIMEOUT
-    settle: float = 0.0
-
-
-_UNSET: Any = object()
-OPTION_NAMES: tuple[str, ...] = (
-    "mode",
-    "max_queue",
-    "on_full",
-    "block_timeout",
-    "timeout",
-    "breaker",
-    "name",
-    "log_payloads",
-    "summary_interval",
-    "stall_threshold",
-    "exit_timeout",
-    "settle",
-)
-
-
-def _positive_number(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{option} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{option} must be a positive finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _non_negative_number(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{option} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{option} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
-def _breaker(value: object) -> Breaker | None:
+def _breaker(option: str, value: object) -> Breaker | None:
     if value is None or isinstance(value, Breaker):
         return value
     if isinstance(value, tuple) and len(value) == 2:
         return Breaker(failures=value[0], reset=value[1])
     raise TypeError(
-        f"breaker must be a safecallbacks.Breaker, a (failures, reset_seconds) tuple "
+        f"{option} must be a safecallbacks.Breaker, a (failures, reset_seconds) tuple "
         f"or None, got {value!r}"
-    )
-
-
-def make_options(**given: Any) -> Options:
-    """Build ``Options`` from keyword arguments, rejecting unknown or bad values."""
-    unknown = sorted(set(given) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTION_NAMES)}"
-        )
-    values = {k: v for k, v in given.items() if v is not _UNSET}
-    mode = values.get("mode", "auto")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    on_full = values.get("on_full", "drop_newest")
-    if on_full not in ON_FULL:
-        raise ValueError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
-    max_queue = values.get("max_queue", DEFAULT_MAX_QUEUE)
-    if isinstance(max_queue, bool) or not isinstance(max_queue, int):
-        raise TypeError(f"max_queue must be an int, got {max_queue!r}")
-    if max_queue < 1:
-        raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
-    name = values.get("name")
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise ValueError(f"name must be a non-empty string or None, got {name!r}")
-    log_payloads = values.get("log_payloads", False)
-    if not isinstance(log_payloads, bool):
-        raise TypeError(f"log_payloads must be a bool, got {log_payloads!r}")
-    return Options(
-        mode=mode,
-        max_queue=max_queue,
-        on_full=on_full,
-        block_timeout=_positive_number(
-            "block_timeout", values.get("block_timeout", DEFAULT_BLOCK_TIMEOUT)
-        ),
-        timeout=_positive_number("timeout", values.get("timeout", DEFAULT_TIMEOUT)),
-        breaker=_breaker(values.get("breaker", Breaker())),
-        name=name,
-        log_payloads=log_payloads,
-        summary_interval=_positive_number("summary_interval", values.get("summary_interval", 10.0)),
-        stall_threshold=_positive_number("stall_threshold", values.get("stall_threshold", 1.0)),
-        exit_timeout=_non_negative_number(
-            "exit_timeout", values.get("exit_timeout", default_exit_timeout())
-        ),
-        settle=_non_negative_number("settle", values.get("settle", 0.0)),
     )
 
 
@@ -160,3 +119,89 @@ def default_exit_timeout() -> float:
     except ValueError:
         return DEFAULT_EXIT_TIMEOUT
     return value if math.isfinite(value) and value >= 0 else DEFAULT_EXIT_TIMEOUT
+
+
+def _option(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
+    if isinstance(default, FunctionType):  # computed when the options are made
+        return field(default_factory=default, metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated settings of one hardened handler (see the README's Options table)."""
+
+    mode: Mode = _option("auto", _one_of(MODES), "auto | offload | inline")
+    max_queue: int = _option(10_000, _count, "events a handler's queue holds")
+    on_full: OnFull = _option("drop_newest", _one_of(ON_FULL), "what a full queue does")
+    block_timeout: float = _option(1.0, _positive, "longest wait of on_full='block'")
+    timeout: float = _option(30.0, _positive, "longest time one event may take")
+    breaker: Breaker | None = _option(Breaker(), _breaker, "circuit breaker, or None")
+    name: str | None = _option(None, _label, "name in logs, metrics and stats")
+    log_payloads: bool = _option(False, _flag, "may logs quote prompt and token text")
+    summary_interval: float = _option(10.0, _positive, "seconds between failure summaries")
+    stall_threshold: float = _option(1.0, _positive, "delay reported as a stall")
+    exit_timeout: float = _option(default_exit_timeout, _non_negative, "budget at exit")
+    settle: float = _option(0.0, _non_negative, "root run ends wait this long for backlog")
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            checked = spec.metadata["check"](spec.name, getattr(self, spec.name))
+            object.__setattr__(self, spec.name, checked)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(spec.name for spec in fields(Options))
+
+
+class OptionValues(TypedDict, total=False):
+    """The options as keyword arguments, for type checkers (pinned to ``Options`` by a test)."""
+
+    mode: Mode
+    max_queue: int
+    on_full: OnFull
+    block_timeout: float
+    timeout: float
+    breaker: Breaker | tuple[int, float] | None
+    name: str | None
+    log_payloads: bool
+    summary_interval: float
+    stall_threshold: float
+    exit_timeout: float
+    settle: float
+
+
+def make_options(**given: Any) -> Options:
+    """Build ``Options`` from keyword arguments, rejecting unknown or bad values."""
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTION_NAMES)}"
+        )
+    return Options(**given)
+
+
+def _shown_default(spec: Any) -> Any:
+    return spec.default if spec.default is not MISSING else spec.default_factory()
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    """The options as keyword-only parameters with their real defaults (for signatures)."""
+    return [
+        inspect.Parameter(
+            spec.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=_shown_default(spec),
+            annotation=spec.type,
+        )
+        for spec in fields(Options)
+    ]
+
+
+def with_option_signature(function: Callable[..., Any], *leading: inspect.Parameter) -> None:
+    """Give ``function`` (which takes ``**options``) a signature listing every option."""
+    signature = inspect.signature(function)
+    rest = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    keep = [*leading, *rest] if leading else rest
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*keep, *option_parameters()]
+    )
