@@ -22,10 +22,10 @@ from langchain_core.callbacks import BaseCallbackHandler
 from . import _compat
 from ._compat import reinit_lock_after_fork
 from ._hardened import (
-    CORE_LOCK,
+    ENGINE_LOCK,
     HookAttribute,
     _Hardened,
-    engine,
+    engine_of,
     is_settler,
     make_engine,
     recorder_for,
@@ -46,7 +46,7 @@ def _isolated_flag(flag: str, original: Any) -> property:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            engine(self).observer.announce_once(
+            engine_of(self).observer.announce_once(
                 f"flag:{flag}", "ignore_flag_failed", flag=flag, error_type=type(exc).__qualname__
             )
             return False
@@ -108,12 +108,12 @@ def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
     maker = _compat.constructing_self()
     if type(maker) is cls:
-        parent = engine(maker)
+        parent = engine_of(maker)
         made = make_engine(instance, parent.requested, parent)
     else:
         made = make_engine(instance, cast(Any, cls)._sc_default_options)
     with contextlib.suppress(AttributeError):  # no __dict__: bound on first use
-        instance.__dict__["_sc_core"] = made
+        instance.__dict__["_sc_engine"] = made
     return instance
 
 
@@ -169,7 +169,7 @@ def hardened_class(cls: type, options: Options | None = None) -> type:
 def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
     """Make ``handler`` an instance of its hardened class, with its own options."""
     hardened = hardened_class(type(handler))
-    with CORE_LOCK:
+    with ENGINE_LOCK:
         try:
             handler.__class__ = hardened
         except TypeError as exc:
@@ -177,4 +177,4 @@ def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
                 f"cannot harden {type(handler).__qualname__} in place ({exc}); "
                 "harden its class instead: harden(SomeHandler)"
             ) from None
-        handler.__dict__["_sc_core"] = make_engine(handler, options)
+        handler.__dict__["_sc_engine"] = make_engine(handler, options)

@@ -34,7 +34,25 @@ def _streaming_name(name: str) -> Any:
     return getattr(module, name, None)
 
 
-STREAMING_HANDLER_BASE: Any = _streaming_name("_StreamingCallbackHandler")
+def _required_streaming_base() -> Any:
+    """The plumbing rule rests on this class: without it, fail at import, never wrap silently.
+
+    Were it missing, ``astream_events``/``astream_log`` and LangGraph's stream
+    handlers would no longer be recognised and would be hardened like any handler.
+    """
+    found = _streaming_name("_StreamingCallbackHandler")
+    if found is None:
+        import langchain_core
+
+        raise ImportError(
+            "safecallbacks cannot recognise LangChain's streaming handlers: "
+            "langchain_core.tracers._streaming._StreamingCallbackHandler is missing in "
+            f"langchain-core {langchain_core.__version__}; please report this"
+        )
+    return found
+
+
+STREAMING_HANDLER_BASE: Any = _required_streaming_base()
 """langchain-core's mark of handlers that feed astream_events/astream_log/LangGraph streams."""
 
 V2_STREAMING_BASE: Any = _streaming_name("_V2StreamingCallbackHandler")
@@ -45,7 +63,7 @@ ASYNC_MANAGER_CODE: CodeType | None = getattr(_async_event_runner, "__code__", N
 """The code of the function through which LangChain's async managers call a handler."""
 
 COROUTINE_MARKER: Any = getattr(asyncio.coroutines, "_is_coroutine", None)
-"""asyncio's marker that made a callable look like a coroutine function (older cores)."""
+"""asyncio's marker that made a callable look like a coroutine function (older engines)."""
 
 
 def _frame(depth: int) -> FrameType | None:

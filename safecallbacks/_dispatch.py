@@ -1,6 +1,6 @@
 """The per-handler engine: takes each event (fast and slow path), flushes, closes, reads stats.
 
-One ``Dispatcher`` stands behind each hardened handler (and one behind each
+One ``Engine`` stands behind each hardened handler (and one behind each
 copy LangChain makes, joined to the original's *family*). On the token path
 ``record`` counts the event and either appends it to a lane (offload) or
 calls the handler inline, isolated; the recorders the hardened class installs
@@ -56,7 +56,7 @@ class Unbound:
 
     __slots__ = ("options", "parent", "target")
 
-    def __init__(self, options: Options, parent: Dispatcher | None = None) -> None:
+    def __init__(self, options: Options, parent: Engine | None = None) -> None:
         self.options = options
         self.parent = parent
         self.target: object = None
@@ -65,7 +65,7 @@ class Unbound:
         return (Unbound, (self.options, None))
 
 
-class Dispatcher:
+class Engine:
     """The engine behind one hardened handler: lanes, inline calls, flush, close, stats.
 
     A handler LangChain copies (``copy_with_metadata_defaults``, ``copy.copy``)
@@ -84,7 +84,7 @@ class Dispatcher:
         hooks: Iterable[str] = (),
         async_hooks: Iterable[str] = (),
         requested: Options | None = None,
-        parent: Dispatcher | None = None,
+        parent: Engine | None = None,
     ) -> None:
         self.target = target
         self.resolve = resolve
@@ -110,8 +110,8 @@ class Dispatcher:
             hook: itertools.count() for hook in hooks
         }
         self.awaited_hooks = self._awaited_hooks(frozenset(async_hooks), frozenset(hooks))
-        self.root: Dispatcher = parent.root if parent is not None else self
-        self.members: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        self.root: Engine = parent.root if parent is not None else self
+        self.members: weakref.WeakSet[Engine] = weakref.WeakSet()
         if parent is not None:
             self.root.members.add(self)
         self.fast_lane: Lane | None = None
@@ -143,7 +143,7 @@ class Dispatcher:
 
     # --- copies --------------------------------------------------------------
 
-    def __copy__(self) -> Dispatcher:
+    def __copy__(self) -> Engine:
         return self  # a shallow copy of a handler shares it until its first event rebinds
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Unbound:
@@ -152,7 +152,7 @@ class Dispatcher:
     def __reduce__(self) -> tuple[Any, ...]:
         return (Unbound, (self.requested, None))
 
-    def family(self) -> list[Dispatcher]:
+    def family(self) -> list[Engine]:
         """This engine and, for an original handler, the engines of its copies."""
         if self.root is not self:
             return [self]
@@ -360,7 +360,7 @@ class Dispatcher:
         return placed
 
     def _family_barriers(self) -> list[tuple[Lane, Barrier]]:
-        return [placed for core in self.family() for placed in core.place_barriers()]
+        return [placed for engine in self.family() for placed in engine.place_barriers()]
 
     def flush(self, timeout: float, what: str = "flush") -> bool:
         _refuse_in_a_loop(what)
@@ -377,21 +377,21 @@ class Dispatcher:
         return ok
 
     def _after_flush(self, ok: bool, timeout: float) -> None:
-        for core in self.family():
-            core.observer.summarise()
+        for engine in self.family():
+            engine.observer.summarise()
         if not ok:  # the caller learns it from the result; the log says what is left
             self.observer.flush_timed_out(self.stats().pending, timeout)
 
     def close(self, timeout: float, what: str = "close") -> bool:
         ok = self.flush(timeout, what) if not self.closed else True
-        for core in self.family():
-            core.shut(reason="closed")
+        for engine in self.family():
+            engine.shut(reason="closed")
         return ok
 
     async def aclose(self, timeout: float) -> bool:
         ok = await self.aflush(timeout) if not self.closed else True
-        for core in self.family():
-            core.shut(reason="closed")
+        for engine in self.family():
+            engine.shut(reason="closed")
         return ok
 
     def shut(self, reason: str) -> None:
@@ -409,8 +409,8 @@ class Dispatcher:
         members = self.family()[1:]
         if not members:
             return own
-        others = [core._own_stats() for core in members]
-        durations = [core.observer.estimators() for core in self.family()]
+        others = [engine._own_stats() for engine in members]
+        durations = [engine.observer.estimators() for engine in self.family()]
         return merge_stats(own, others, durations)
 
     def _own_stats(self) -> Stats:

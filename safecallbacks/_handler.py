@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from ._classes import _HardenedClassBase, harden_in_place, hardened_class
-from ._dispatch import Dispatcher
-from ._hardened import CORE_LOCK, _Hardened, engine, make_engine
+from ._dispatch import Engine
+from ._hardened import ENGINE_LOCK, _Hardened, engine_of, make_engine
 from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
 from ._stats import Stats
@@ -38,10 +38,10 @@ class SafeHandler(_HardenedClassBase, BaseCallbackHandler):
 
     def __init__(self, **options: Unpack[OptionValues]) -> None:
         resolved = make_options(**options)
-        with CORE_LOCK:
-            previous = self.__dict__.get("_sc_core")
-            self.__dict__["_sc_core"] = make_engine(self, resolved)
-        if isinstance(previous, Dispatcher) and previous.target is self:
+        with ENGINE_LOCK:
+            previous = self.__dict__.get("_sc_engine")
+            self.__dict__["_sc_engine"] = make_engine(self, resolved)
+        if isinstance(previous, Engine) and previous.target is self:
             previous.shut("closed")
 
 
@@ -104,15 +104,15 @@ def _harden_one(target: Any, options: Options, explicit: bool) -> Any:
     if not isinstance(target, BaseCallbackHandler):
         raise _not_a_handler(target)
     if isinstance(target, _Hardened):
-        current = engine(target)
+        current = engine_of(target)
         if explicit and current.requested != options:
             raise ValueError(
                 f"{type(target).__qualname__} is already hardened with other options "
                 f"({_differences(current.requested, options)}); a handler has one set of options"
             )
         if current.closed:  # hardening a closed handler again reopens it
-            with CORE_LOCK:
-                target.__dict__["_sc_core"] = make_engine(target, current.requested)
+            with ENGINE_LOCK:
+                target.__dict__["_sc_engine"] = make_engine(target, current.requested)
         return target
     _refuse_plumbing(type(target))
     harden_in_place(target, options)
@@ -193,13 +193,13 @@ def harden_config(
 # --- controls that always work ------------------------------------------------------
 
 
-def _engine_for(handler: Any, function: str) -> Dispatcher:
+def _engine_for(handler: Any, function: str) -> Engine:
     if not isinstance(handler, _Hardened):
         raise TypeError(
             f"safecallbacks.{function}() expects a hardened handler (from harden(), "
             f"SafeHandler, harden_config() or install()), got {type(handler).__qualname__}"
         )
-    return engine(handler)
+    return engine_of(handler)
 
 
 def flush(handler: BaseCallbackHandler, timeout: float = 5.0) -> bool:

@@ -3,7 +3,7 @@
 Hardening never wraps. A hardened handler's class is a generated subclass of
 its own class (so ``isinstance`` holds, its state and its other methods are
 its own) whose hooks are *recorders*: sync methods that hand the event to the
-handler's engine (``Dispatcher``) and return. The handler's own hook bodies
+handler's engine (``Engine``) and return. The handler's own hook bodies
 are kept aside and only ever called by the engine, or, for inline handlers,
 by the recorder itself inside an isolating ``try``.
 
@@ -25,14 +25,14 @@ from typing import Any, TypeVar, cast
 
 from . import _compat
 from ._compat import reinit_lock_after_fork
-from ._dispatch import Dispatcher, Unbound
+from ._dispatch import Engine, Unbound
 from ._hooks import END_HOOKS, class_hooks, is_async_callable
 from ._inline import PLAIN_RESULTS
 from ._options import Options
 from ._policy import auto_mode
 from ._stats import Stats
 
-CORE_LOCK = threading.RLock()
+ENGINE_LOCK = threading.RLock()
 """Held while a handler's engine is bound or replaced (rare: once per handler)."""
 _getframe = sys._getframe
 _ASYNC_MANAGER_CODE = _compat.ASYNC_MANAGER_CODE
@@ -71,7 +71,7 @@ class _Hardened:
     def run_inline(self, value: bool) -> None:
         # Kept as the bare handler's wish: it decides how LangChain would run its
         # hooks on the async path (in the caller's task, or in a task of their own).
-        engine(self).bare_run_inline = bool(value)
+        engine_of(self).bare_run_inline = bool(value)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every event emitted before this call was delivered, failed or dropped.
@@ -80,23 +80,23 @@ class _Hardened:
         from inside a running event loop it cannot wait for that loop's own
         deliveries; use ``aflush`` there.
         """
-        return engine(self).flush(timeout)
+        return engine_of(self).flush(timeout)
 
     async def aflush(self, timeout: float = 5.0) -> bool:
         """``flush`` for async code: waits without blocking the event loop."""
-        return await engine(self).aflush(timeout)
+        return await engine_of(self).aflush(timeout)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Flush, then stop: events emitted afterwards are counted as dropped."""
-        return engine(self).close(timeout)
+        return engine_of(self).close(timeout)
 
     async def aclose(self, timeout: float = 5.0) -> bool:
         """``close`` for async code."""
-        return await engine(self).aclose(timeout)
+        return await engine_of(self).aclose(timeout)
 
     def stats(self) -> Stats:
         """A frozen snapshot of this handler's counts, timings and state."""
-        return engine(self).stats()
+        return engine_of(self).stats()
 
     def __enter__(self: _T) -> _T:
         return self
@@ -107,7 +107,7 @@ class _Hardened:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        engine(self).close(5.0, "__exit__")  # inside a running loop: an error, nothing dropped
+        engine_of(self).close(5.0, "__exit__")  # inside a running loop: an error, nothing dropped
 
     async def __aenter__(self: _T) -> _T:
         return self
@@ -118,44 +118,44 @@ class _Hardened:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await engine(self).aclose(5.0)
+        await engine_of(self).aclose(5.0)
 
 
 # --- the handler's engine -------------------------------------------------------
 
 
-def engine(handler: Any) -> Dispatcher:
+def engine_of(handler: Any) -> Engine:
     """The engine of a hardened handler, made on first use (also for copies)."""
-    found = handler.__dict__.get("_sc_core")
-    if isinstance(found, Dispatcher) and found.target is handler:
+    found = handler.__dict__.get("_sc_engine")
+    if isinstance(found, Engine) and found.target is handler:
         return found
     return _bind(handler)
 
 
-def _bind(handler: Any) -> Dispatcher:
-    with CORE_LOCK:
-        found = handler.__dict__.get("_sc_core")
-        if isinstance(found, Dispatcher) and found.target is handler:
+def _bind(handler: Any) -> Engine:
+    with ENGINE_LOCK:
+        found = handler.__dict__.get("_sc_engine")
+        if isinstance(found, Engine) and found.target is handler:
             return found
         cls = type(handler)
         if isinstance(found, Unbound):
             options, parent = found.options, found.parent
-        elif isinstance(found, Dispatcher):  # a shallow copy of a hardened handler
+        elif isinstance(found, Engine):  # a shallow copy of a hardened handler
             options, parent = found.requested, found
         else:
             options, parent = cls._sc_default_options, None
         made = make_engine(handler, options, parent)
-        handler.__dict__["_sc_core"] = made
+        handler.__dict__["_sc_engine"] = made
         return made
 
 
-def make_engine(handler: Any, requested: Options, parent: Dispatcher | None = None) -> Dispatcher:
+def make_engine(handler: Any, requested: Options, parent: Engine | None = None) -> Engine:
     cls = type(handler)
     resolved: Mapping[str, Any] = cls._sc_resolved
     mode = requested.mode if requested.mode != "auto" else auto_mode(cls)
     options = requested if mode == requested.mode else _with_mode(requested, mode)
     async_hooks = [hook for hook, value in resolved.items() if is_async_callable(value)]
-    made = Dispatcher(
+    made = Engine(
         target=handler,
         resolve=_class_resolver(handler),
         name=requested.name or cls.__name__,
@@ -210,7 +210,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
 
     The two common cases are inlined here: offload with room in the queue (one
     append, no call into the engine) and inline (call the hook in the caller,
-    count it). Everything else goes through ``Dispatcher.record``.
+    count it). Everything else goes through ``Engine.record``.
     """
     owner: list[type] = []  # the class whose body this recorder stands in
     plain = isinstance(original, FunctionType)
@@ -224,12 +224,12 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
             # being delivered right now: run the original, do not record again.
             return original.__get__(self, cls)(*args, **kwargs)
         try:
-            core = self._sc_core
-            if core.target is not self:
-                core = _bind(self)
+            engine = self._sc_engine
+            if engine.target is not self:
+                engine = _bind(self)
         except AttributeError:
-            core = _bind(self)
-        lane = core.fast_lane
+            engine = _bind(self)
+        lane = engine.fast_lane
         if lane is not None:
             next(lane.emitted)
             item = (hook, args, kwargs, copy_context(), monotonic(), None)
@@ -239,9 +239,9 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
                 lane.queue.append(item)
                 if not lane.scheduled:
                     lane.kick()
-        elif core.inline_ready and not is_async:
+        elif engine.inline_ready and not is_async:
             try:
-                if core.bare_run_inline or _getframe(1).f_code is not _ASYNC_MANAGER_CODE:
+                if engine.bare_run_inline or _getframe(1).f_code is not _ASYNC_MANAGER_CODE:
                     if plain:
                         result = original(self, *args, **kwargs)
                     else:
@@ -251,19 +251,19 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
                     # context: context it sets must not leak into the caller's.
                     result = copy_context().run(original.__get__(self, cls), *args, **kwargs)
             except BaseException as exc:
-                core.inline.failed(hook, exc, args, kwargs)
+                engine.inline.failed(hook, exc, args, kwargs)
                 return None
             if result is not None and type(result) not in _PLAIN_RESULTS:
-                core.inline.result(hook, result, args, kwargs)
+                engine.inline.result(hook, result, args, kwargs)
                 return None
-            next(core.inline_counts[hook])  # emitted and delivered in one count
-            if core.failing:
-                core.observer.outcome(True)
+            next(engine.inline_counts[hook])  # emitted and delivered in one count
+            if engine.failing:
+                engine.observer.outcome(True)
             return None
         else:
-            core.record(hook, args, kwargs)
-        if settles and core.options.settle and kwargs.get("parent_run_id") is None:
-            core.settle_now()
+            engine.record(hook, args, kwargs)
+        if settles and engine.options.settle and kwargs.get("parent_run_id") is None:
+            engine.settle_now()
         return None
 
     recorder.__name__ = hook
@@ -281,7 +281,7 @@ class _AwaitedHook:
     """A hook LangChain's async manager must await, shaped like a coroutine function.
 
     LangChain awaits hooks that look like coroutine functions (it checks the
-    code flags, or asyncio's marker on older cores) and calls the rest in
+    code flags, or asyncio's marker on older engines) and calls the rest in
     place; its sync manager calls every hook and runs whatever coroutine comes
     back on a throwaway event loop. So this returns a coroutine only when
     LangChain's async manager is the caller; from the sync manager it records
@@ -296,13 +296,13 @@ class _AwaitedHook:
     def __init__(
         self,
         handler: Any,
-        core: Dispatcher,
+        engine: Engine,
         hook: str,
         recorder: Callable[..., Any],
         records: bool,
     ) -> None:
         self.handler = handler
-        self.core = core
+        self.engine = engine
         self.recorder = recorder
         self.records = records
         self.__name__ = self.__qualname__ = hook
@@ -311,8 +311,8 @@ class _AwaitedHook:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compat.called_by_async_manager():
             if self.records:
-                return self.core.adeliver(self.__name__, args, kwargs)
-            return self.core.asettle_after(self.__name__, kwargs)
+                return self.engine.adeliver(self.__name__, args, kwargs)
+            return self.engine.asettle_after(self.__name__, kwargs)
         return self.recorder(self.handler, *args, **kwargs)
 
 
@@ -335,9 +335,9 @@ class HookAttribute:
     def __get__(self, obj: Any, cls: type | None = None) -> Any:
         if obj is None:
             return self.recorder
-        core = engine(obj)
-        if self.hook in core.awaited_hooks:
-            return _AwaitedHook(obj, core, self.hook, self.recorder, self.records)
+        engine = engine_of(obj)
+        if self.hook in engine.awaited_hooks:
+            return _AwaitedHook(obj, engine, self.hook, self.recorder, self.records)
         return MethodType(self.recorder, obj)
 
 
@@ -351,10 +351,10 @@ def settler(hook: str) -> HookAttribute:
     too late, and with ``settle`` a root run's end waits for the handler's backlog."""
 
     def settle(self: Any, *args: Any, **kwargs: Any) -> None:
-        core = engine(self)
-        core.stops.end_emitted(hook, kwargs)
-        if core.options.settle and kwargs.get("parent_run_id") is None:
-            core.settle_now()
+        engine = engine_of(self)
+        engine.stops.end_emitted(hook, kwargs)
+        if engine.options.settle and kwargs.get("parent_run_id") is None:
+            engine.settle_now()
 
     settle.__name__ = hook
     settle._sc_owner = []  # type: ignore[attr-defined]
@@ -363,4 +363,4 @@ def settler(hook: str) -> HookAttribute:
 
 if hasattr(os, "register_at_fork"):
     # A fork while another thread held it would leave it held forever in the child.
-    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(CORE_LOCK))
+    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(ENGINE_LOCK))

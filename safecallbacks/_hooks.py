@@ -93,11 +93,31 @@ def is_default_hook(value: object) -> bool:
         return False
 
 
-def _declared_in(cls: type, hook: str) -> type | None:
+_MISSING = object()
+
+
+def _defined_in(cls: type, hook: str, value: Any) -> type | None:
+    """The class of ``cls``'s MRO whose own namespace holds ``value`` as ``hook``."""
     for klass in cls.__mro__:
-        if hook in vars(klass):
+        if vars(klass).get(hook, _MISSING) is value:
             return klass
     return None
+
+
+def _is_framework_declaration(cls: type, hook: str, value: Any) -> bool:
+    """True when ``value`` is a framework base's own declaration of ``hook``, not an override.
+
+    That is: it is defined by a class from another top-level package than ``cls``
+    that introduces ``hook`` (none of that class's own bases defines it), like
+    ``GraphCallbackHandler.on_interrupt``'s do-nothing body. A library class that
+    overrides a hook a framework base declares (``LibTracer(GraphCallbackHandler)``
+    with its own ``on_interrupt``) implements it, whichever package the class
+    finally hardened comes from.
+    """
+    owner = _defined_in(cls, hook, value)
+    if owner is None or _top_package(owner) == _top_package(cls):
+        return False
+    return not any(hook in vars(base) for base in owner.__mro__[1:])
 
 
 def _top_package(cls: type) -> str:
@@ -158,10 +178,8 @@ def implemented_hooks(
             value = _static_lookup(cls, hook, look_past)
         if value is None or is_default_hook(value):
             continue
-        if hook not in HOOKS:
-            owner = _declared_in(cls, hook)
-            if owner is not None and _top_package(owner) != _top_package(cls):
-                continue  # the framework's own do-nothing declaration
+        if hook not in HOOKS and _is_framework_declaration(cls, hook, value):
+            continue  # the framework's own do-nothing declaration
         found[hook] = value
     return found
 

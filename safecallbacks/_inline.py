@@ -10,16 +10,23 @@ token path by design: guarantee 2 ("nothing stalls") does not hold here.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import itertools
 import time
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._isolation import acall_hook, call_hook, passes_through_caller, run_bounded, run_here
-from ._observe import Batch
-
-if TYPE_CHECKING:
-    from ._dispatch import Dispatcher
+from ._isolation import (
+    Resolver,
+    acall_hook,
+    call_hook,
+    passes_through_caller,
+    run_bounded,
+    run_here,
+)
+from ._observe import Batch, Observer
+from ._options import Options
 
 _now = time.monotonic
 
@@ -27,12 +34,41 @@ PLAIN_RESULTS: set[type] = {type(None), bool, int, str}
 """Types a hook returned that are known not to be awaitable (checked once per type)."""
 
 
+class InlineOwner(Protocol):
+    """What inline calls need from the engine that owns them."""
+
+    target: object
+    resolve: Resolver
+    options: Options
+    observer: Observer
+    emitted: itertools.count[int]
+    inline_counts: dict[str, itertools.count[int]]
+    bare_run_inline: bool
+    failing: bool
+
+    def accept(self, hook: str, kwargs: Mapping[str, Any]) -> bool: ...
+
+    def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
+
+    def add_result(
+        self,
+        batch: Batch,
+        hook: str,
+        run_id: object,
+        error: BaseException | None,
+        started: float,
+        emitted_at: float,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+
 class InlineCalls:
     """Calling one engine's handler in the caller, and accounting for each call at once."""
 
     __slots__ = ("engine",)
 
-    def __init__(self, engine: Dispatcher) -> None:
+    def __init__(self, engine: InlineOwner) -> None:
         self.engine = engine
 
     def call(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

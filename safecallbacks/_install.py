@@ -13,6 +13,7 @@ added twice. Nothing here runs on the token path: only when managers are built.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 import weakref
@@ -23,7 +24,7 @@ from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from . import _compat
 from ._classes import harden_in_place
-from ._hardened import _Hardened, engine
+from ._hardened import _Hardened, engine_of
 from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
 
@@ -87,6 +88,32 @@ def _harden_manager(manager: Any) -> None:
         _harden(handler)
 
 
+def _harden_callbacks(callbacks: Any) -> None:
+    """Harden what a ``callbacks`` argument of ``_configure`` holds: a list or a manager."""
+    if isinstance(callbacks, BaseCallbackManager):
+        _harden_manager(callbacks)
+    elif isinstance(callbacks, (list, tuple)):
+        for handler in callbacks:
+            _harden(handler)
+
+
+_CALLBACK_ARGUMENTS = ("inheritable_callbacks", "local_callbacks")
+
+
+def _callback_positions(configure: Any) -> dict[str, int]:
+    """Where ``_configure`` takes its handler arguments positionally (by name otherwise)."""
+    try:
+        parameters = list(inspect.signature(configure).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - a C or odd callable
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {
+        parameter.name: index
+        for index, parameter in enumerate(parameters)
+        if parameter.name in _CALLBACK_ARGUMENTS and parameter.kind in positional
+    }
+
+
 def _overrides(
     given: Mapping[Any, Mapping[str, Any]] | None, base: dict[str, Any]
 ) -> dict[str, Options]:
@@ -135,8 +162,20 @@ def install(
 
 
 def _hardening_configure(configure: Any) -> Any:
+    positions = _callback_positions(configure)
+
     @functools.wraps(configure)
     def configure_and_harden(*args: Any, **kwargs: Any) -> Any:
+        if _installed is not None:
+            # The handlers given are hardened before ``_configure`` sees them: it may
+            # replace them by copies (``LangChainTracer.copy_with_metadata_defaults``),
+            # which then join the family of the handler the caller holds.
+            for name in _CALLBACK_ARGUMENTS:
+                index = positions.get(name)
+                if name in kwargs:
+                    _harden_callbacks(kwargs[name])
+                elif index is not None and index < len(args):
+                    _harden_callbacks(args[index])
         manager = configure(*args, **kwargs)
         if _installed is not None:
             _harden_manager(manager)
@@ -186,13 +225,13 @@ def _restore(handler: Any, timeout: float) -> None:
     if original is None:
         return
     if _compat.get_running_loop() is None:
-        engine(handler).flush(timeout)  # best effort: what is still pending is delivered
+        engine_of(handler).flush(timeout)  # best effort: what is still pending is delivered
         # by the engine anyway, which calls the handler's own hooks, not its class's
     try:
         handler.__class__ = original
     except TypeError:  # pragma: no cover - same layout by construction
         return
-    handler.__dict__.pop("_sc_core", None)
+    handler.__dict__.pop("_sc_engine", None)
 
 
 def installed() -> bool:

@@ -16,33 +16,52 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ._logs import logger
 from ._metrics import register_depth_source
-
-if TYPE_CHECKING:
-    from ._dispatch import Dispatcher
+from ._observe import Observer
+from ._options import Options
+from ._queue import Barrier, Lane
+from ._stats import Stats
 
 _now = time.monotonic
+
+
+class Live(Protocol):
+    """What exit and fork need from a live engine."""
+
+    name: str
+    options: Options
+    observer: Observer
+
+    def place_barriers(self) -> list[tuple[Lane, Barrier]]: ...
+
+    def queue_depth(self) -> int: ...
+
+    def stats(self) -> Stats: ...
+
+    def shut(self, reason: str) -> None: ...
+
+    def reset_after_fork(self) -> None: ...
 
 
 class _Registry:
     """The engines alive in this process (weakly held: a dropped handler is forgotten)."""
 
     def __init__(self) -> None:
-        self._items: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        self._items: weakref.WeakSet[Live] = weakref.WeakSet()
         self._lock = threading.Lock()
 
-    def add(self, item: Dispatcher) -> None:
+    def add(self, item: Live) -> None:
         with self._lock:
             self._items.add(item)
 
-    def discard(self, item: Dispatcher) -> None:
+    def discard(self, item: Live) -> None:
         with self._lock:
             self._items.discard(item)
 
-    def __iter__(self) -> Iterator[Dispatcher]:
+    def __iter__(self) -> Iterator[Live]:
         with self._lock:
             return iter(list(self._items))
 

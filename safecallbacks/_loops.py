@@ -16,14 +16,10 @@ import asyncio
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from ._compat import get_running_loop
 from ._observe import Batch
-from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
-
-if TYPE_CHECKING:
-    from ._dispatch import Dispatcher
+from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
 
 _now = time.monotonic
 
@@ -31,8 +27,10 @@ _now = time.monotonic
 class LoopLane(Lane):
     """Drained by a task on one event loop (the emitter's, or the background one)."""
 
-    def __init__(self, core: Dispatcher, loop: asyncio.AbstractEventLoop, background: bool) -> None:
-        super().__init__(core)
+    def __init__(
+        self, engine: LaneOwner, loop: asyncio.AbstractEventLoop, background: bool
+    ) -> None:
+        super().__init__(engine)
         self.loop = loop
         self.background = background
         self._lock = threading.Lock()
@@ -92,7 +90,7 @@ class LoopLane(Lane):
 
     async def _drain(self) -> None:
         queue = self.queue
-        observer = self.core.observer
+        observer = self.engine.observer
         batch = self.batch
         try:
             while True:
@@ -106,14 +104,14 @@ class LoopLane(Lane):
                     batch = observer.commit(batch, self)
                     self.took_barrier(entry)
                     continue
-                await self.core.deliver_async(self, entry, batch)
+                await self.engine.deliver_async(self, entry, batch)
                 if len(batch) >= 64:
                     batch = observer.commit(batch, self)
         finally:
             observer.commit(batch, self)
 
     async def _salvage(self) -> None:
-        deadline = _now() + self.core.options.exit_timeout
+        deadline = _now() + self.engine.options.exit_timeout
         try:
             while self.queue and _now() < deadline:
                 entry = self.queue.popleft()
@@ -123,10 +121,10 @@ class LoopLane(Lane):
                 batch = Batch()
                 try:  # cut off by the deadline, deliver_async counts it as dropped
                     await asyncio.wait_for(
-                        self.core.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
+                        self.engine.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
                     )
                 finally:
-                    self.core.observer.commit(batch)
+                    self.engine.observer.commit(batch)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             pass
         finally:
@@ -138,7 +136,7 @@ class LoopLane(Lane):
         loop = self.loop
         if loop is not None and loop.is_closed():
             if self.inflight is not None:  # its consumer task died with the loop
-                self.core.observer.dropped(self.inflight, reason="loop_closed")
+                self.engine.observer.dropped(self.inflight, reason="loop_closed")
                 self.busy_since = self.inflight = None
             self.discard_all("loop_closed")
 

@@ -16,13 +16,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from ._compat import count_value
-from ._observe import Batch
-
-if TYPE_CHECKING:
-    from ._dispatch import Dispatcher
+from ._observe import Batch, Observer
+from ._options import Options
+from ._stopping import StopMarks
 
 _now = time.monotonic
 
@@ -35,6 +34,21 @@ Item: TypeAlias = tuple[
     "asyncio.AbstractEventLoop | None",  # the emitting loop
 ]
 """One queued event."""
+
+
+class LaneOwner(Protocol):
+    """What a lane and its consumer need from the engine that owns them."""
+
+    options: Options
+    observer: Observer
+    stops: StopMarks
+
+    def sync_call(self, hook: str) -> Callable[..., Any]: ...
+
+    def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
+
+    async def deliver_async(self, lane: Lane, item: Item, batch: Batch) -> None: ...
+
 
 POLL_SECONDS = 0.002  # how often a busy lane is drained: the delivery latency bound
 LINGER_SECONDS = 0.05  # quiet time after which a lane goes idle (next event wakes it)
@@ -88,11 +102,11 @@ class Lane:
 
     loop: asyncio.AbstractEventLoop | None = None
 
-    def __init__(self, core: Dispatcher) -> None:
-        self.core = core
+    def __init__(self, engine: LaneOwner) -> None:
+        self.engine = engine
         self.queue: deque[Item | Barrier] = deque()
-        self.max_queue = core.options.max_queue
-        self.emitted = core.observer.emitted
+        self.max_queue = engine.options.max_queue
+        self.emitted = engine.observer.emitted
         self.scheduled = False
         self.high_water = 0
         self.busy_since: float | None = None
@@ -144,10 +158,10 @@ class Lane:
 
     def _make_room(self, item: Item) -> bool:
         """Apply ``on_full``; False when ``item`` itself was dropped."""
-        core = self.core
+        engine = self.engine
         self.note_depth()
-        policy = core.options.on_full
-        limit = core.options.max_queue
+        policy = engine.options.on_full
+        limit = engine.options.max_queue
         if self.events_queued() < limit:
             return True  # only flush barriers made it look full
         if policy == "drop_oldest":
@@ -167,19 +181,19 @@ class Lane:
             return True
         if policy == "block" and self._may_block() and self._wait_for_space():
             return True
-        core.observer.dropped(item[0], reason="queue_full")
+        engine.observer.dropped(item[0], reason="queue_full")
         return False
 
     def _may_block(self) -> bool:
         return True
 
     def _wait_for_space(self) -> bool:
-        limit = self.core.options.max_queue
+        limit = self.engine.options.max_queue
         with self._space:
             self._space_waiters += 1
             try:
                 return self._space.wait_for(
-                    lambda: len(self.queue) < limit, self.core.options.block_timeout
+                    lambda: len(self.queue) < limit, self.engine.options.block_timeout
                 )
             finally:
                 self._space_waiters -= 1
@@ -188,7 +202,7 @@ class Lane:
         if isinstance(entry, Barrier):
             self.took_barrier(entry)  # everything ahead of it is gone too
         else:
-            self.core.observer.dropped(entry[0], reason=reason)
+            self.engine.observer.dropped(entry[0], reason=reason)
 
     def _popped(self) -> None:
         if self._space_waiters:
@@ -210,7 +224,7 @@ class Lane:
             else:
                 dropped[entry[0]] += 1
         for hook, count in dropped.items():
-            self.core.observer.dropped(hook, count, reason=reason)
+            self.engine.observer.dropped(hook, count, reason=reason)
 
     def queued_by_hook(self) -> Counter[str]:
         while True:
@@ -240,7 +254,7 @@ class Lane:
 
     def stuck(self, now: float) -> bool:
         since = self.busy_since
-        return since is not None and now - since > self.core.options.timeout
+        return since is not None and now - since > self.engine.options.timeout
 
 
 def wait_settled(lane: Lane, barrier: Barrier, deadline: float) -> bool:

@@ -42,9 +42,9 @@ class ThreadLane(Lane):
         """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event)."""
         queue = self.queue
         self.note_depth()
-        core = self.core
-        stops = core.stops
-        observer = core.observer
+        engine = self.engine
+        stops = engine.stops
+        observer = engine.observer
         breaker = observer.breaker
         batch = self.batch
         durations, lags, hooks, counts = batch.durations, batch.lags, batch.hooks, batch.counts
@@ -77,13 +77,13 @@ class ThreadLane(Lane):
                     continue
                 call = calls.get(hook)
                 if call is None:
-                    call = calls[hook] = core.sync_call(hook)
+                    call = calls[hook] = engine.sync_call(hook)
                 self.busy_since, self.inflight = started, hook
                 kind: str | None = None
                 try:
                     result = context.run(call, *args, **kwargs)
                     if result is not None and isinstance(result, Awaitable):
-                        context.run(core.await_elsewhere, result, loop)
+                        context.run(engine.await_elsewhere, result, loop)
                 except StopStream as stop:
                     stops.mark(hook, run_id, stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
@@ -198,7 +198,7 @@ class Pool:
             try:
                 lane.drain(BATCH)
             except BaseException as exc:  # our own bug: never let it kill the pool
-                lane.core.observer.announce_once(
+                lane.engine.observer.announce_once(
                     "internal", "internal_error", error_type=type(exc).__qualname__
                 )
             finally:
@@ -248,7 +248,9 @@ class Pool:
     def _write_logs(self) -> None:
         """Write lines handlers queued (a drop, a stuck delivery), with the pool lock released."""
         lanes = [*self.busy, *self.lingering, *self.ready]
-        waiting = [lane.core.observer for lane in lanes if lane.core.observer.has_pending_logs()]
+        waiting = [
+            lane.engine.observer for lane in lanes if lane.engine.observer.has_pending_logs()
+        ]
         if not waiting:
             return
         self.lock.release()
@@ -281,7 +283,7 @@ class Pool:
         for lane in self.busy:
             if lane.stuck(now) and not lane.stuck_reported:
                 lane.stuck_reported = True
-                lane.core.observer.announce_once(
+                lane.engine.observer.announce_once(
                     "stuck",
                     "handler_stuck",
                     hook=lane.inflight,

@@ -248,17 +248,17 @@ class FakeClock:
 
 def use_clock(handler: BaseCallbackHandler, clock: Callable[[], float]) -> None:
     """Make a hardened handler's breaker, log windows and stall reports read ``clock``."""
-    from ._hardened import engine
+    from ._hardened import engine_of
 
-    for member in engine(handler).family():
+    for member in engine_of(handler).family():
         member.observer.set_clock(clock)
 
 
 def options_of(handler: BaseCallbackHandler) -> Options:
     """The validated options a hardened handler runs with (what ``harden`` resolved)."""
-    from ._hardened import engine
+    from ._hardened import engine_of
 
-    return engine(handler).options
+    return engine_of(handler).options
 
 
 def worker_threads() -> int:
