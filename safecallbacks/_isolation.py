@@ -238,11 +238,12 @@ class _Drive:
     as it would for its own awaits.
     """
 
-    __slots__ = ("context", "coro", "first", "timed_out")
+    __slots__ = ("closing", "context", "coro", "first", "timed_out")
 
     def __init__(self, coro: Any, first: Any, context: contextvars.Context) -> None:
         self.coro, self.first, self.context = coro, first, context
         self.timed_out = False
+        self.closing = False  # the consumer itself is being closed (its loop is gone)
 
     def __await__(self) -> Any:
         coro, run = self.coro, self.context.run
@@ -251,6 +252,14 @@ class _Drive:
             try:
                 sent = yield value
             except BaseException as thrown:
+                if thrown.__class__ is GeneratorExit:
+                    # Not the handler's doing: the consumer is discarded with its loop.
+                    # Close the handler with it and let the consumer end, uncounted
+                    # here (the lane's reaping counts the event as dropped).
+                    self.closing = True
+                    with contextlib.suppress(BaseException):
+                        run(coro.close)
+                    raise
                 if self.timed_out:
                     self._cancel_for_timeout(thrown)
                 try:
@@ -309,6 +318,8 @@ async def drive_bounded(
             raise  # the consumer itself is being cancelled: pass it on
         return exc  # the handler cancelled itself
     except BaseException as exc:
+        if drive.closing:
+            raise
         return exc
     finally:
         timer.cancel()

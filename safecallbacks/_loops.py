@@ -108,7 +108,8 @@ class LoopLane(Lane):
                 if len(batch) >= 64:
                     batch = observer.commit(batch, self)
         finally:
-            observer.commit(batch, self)
+            if batch is self.batch:  # else a reaping of this lane committed it already
+                observer.commit(batch, self)
 
     async def _salvage(self) -> None:
         deadline = _now() + self.engine.options.exit_timeout
@@ -135,6 +136,8 @@ class LoopLane(Lane):
         """A closed loop will never drain this lane: count what is left as dropped."""
         loop = self.loop
         if loop is not None and loop.is_closed():
+            # Deliveries its consumer finished but never committed are counted as done.
+            self.engine.observer.commit(self.batch, self)
             if self.inflight is not None:  # its consumer task died with the loop
                 self.engine.observer.dropped(self.inflight, reason="loop_closed")
                 self.busy_since = self.inflight = None

@@ -9,7 +9,6 @@ import importlib.util
 import io
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from safecallbacks import _demo
-from safecallbacks._paced import PacedFakeChatModel, make_tokens
+from safecallbacks.testing import PacedFakeChatModel, make_tokens
+from tests._child import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -25,9 +25,7 @@ RATIO = re.compile(r"\|\s+\d+\.\d\dx\s+\|")
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return run_python(args, cwd=ROOT, timeout=timeout)
 
 
 class Tokens(BaseCallbackHandler):

@@ -120,7 +120,7 @@ def test_install_is_idempotent_and_uninstall_gives_handlers_their_class_back() -
     finally:
         safecallbacks.uninstall()
     assert _compat.configure_function() is configure_before
-    assert type(recorder) is RecordingHandler and "_sc_core" not in vars(recorder)
+    assert type(recorder) is RecordingHandler and "_sc_engine" not in vars(recorder)
     assert [call.hook for call in recorder.calls] == ["on_chain_start", "on_chain_end"]
     assert type(explicit) is not RecordingHandler  # hardened explicitly: stays hardened
     RunnableLambda(lambda x: x).invoke(1, config={"callbacks": [RecordingHandler()]})

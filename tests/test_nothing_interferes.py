@@ -1,8 +1,11 @@
-"""Guarantee 4, "nothing interferes": a hardened handler is the handler.
+"""Guarantee 4, "nothing interferes": a hardened handler is the handler, and it keeps to
+itself.
 
 Same class for ``isinstance``, same state, its other methods, copies LangChain
 makes of it, every hook its class understands, context set by its own hooks;
-and LangChain's plumbing is never touched.
+and LangChain's plumbing is never touched. One handler never delays another, deliveries
+see the context of their emission, short-lived handlers do not leak threads or event
+loops, and a forked child starts fresh.
 """
 
 from __future__ import annotations
@@ -10,7 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import gc
+import os
 import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +28,32 @@ from langchain_core.callbacks import (
     CallbackManager,
     StdOutCallbackHandler,
 )
-from langchain_core.runnables import RunnableLambda
+from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.runnables import RunnableGenerator, RunnableLambda
 
 import safecallbacks
 from safecallbacks import SafeHandler, harden, harden_config
-from safecallbacks.testing import RecordingHandler, fake_chat_model
+from safecallbacks.testing import (
+    AsyncRecordingHandler,
+    RecordingHandler,
+    assert_accounted,
+    async_wait_until,
+    fake_chat_model,
+)
+from tests._child import json_lines, run_child, run_reporting
 from tests._imports import import_or_skip
+from tests._support import (
+    EVENTS,
+    KINDS,
+    PROBE,
+    WORDS,
+    blocker,
+    check_complete,
+    probe,
+    recorder,
+)
+
+pytestmark = pytest.mark.timeout(60)
 
 CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("sc_test_ctx", default=None)
 
@@ -416,3 +444,603 @@ def test_register_plumbing_and_register_inline_extend_the_rules() -> None:
     assert safecallbacks.stats(harden(MyCollector())).mode == "inline"
     with pytest.raises(TypeError, match="handler classes or dotted class names"):
         safecallbacks.register_inline(42)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Offloaded deliveries see the context variables of their emission
+# --------------------------------------------------------------------------------------------
+
+RUN_NAMES = ["alpha", "beta", "gamma"]
+
+
+def check_context(seen: list[Any]) -> None:
+    """Each event carries the context value its own run's emitter had."""
+    assert len(seen) == EVENTS * len(RUN_NAMES)
+    per_name: dict[Any, int] = {}
+    for item in seen:
+        (name,) = item.tags
+        assert item.probe == name, item
+        per_name[name] = per_name.get(name, 0) + 1
+    assert per_name == dict.fromkeys(RUN_NAMES, EVENTS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stream_handler_sees_context_of_emission(kind: str) -> None:
+    handler = probe(kind)
+    safe = harden(handler, breaker=None)
+    model = fake_chat_model(WORDS, replies=len(RUN_NAMES))
+    start = threading.Barrier(len(RUN_NAMES))
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            PROBE.set(name)  # in this thread's own context
+            start.wait(10)
+            for _ in model.stream("hi", config={"callbacks": [safe], "tags": [name]}):
+                pass
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in RUN_NAMES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    PROBE.set("the flushing thread")  # must not leak into deliveries
+    assert safe.flush(10)
+    check_context(handler.seen)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_astream_handler_sees_context_of_emission(kind: str) -> None:
+    handler = probe(kind)
+    safe = harden(handler, breaker=None)
+    model = fake_chat_model(WORDS, replies=len(RUN_NAMES))
+
+    async def run(name: str) -> None:
+        PROBE.set(name)  # each task has its own copy of the context
+        async for _ in model.astream("hi", config={"callbacks": [safe], "tags": [name]}):
+            await asyncio.sleep(0)  # interleave the runs
+
+    await asyncio.gather(*(run(name) for name in RUN_NAMES))
+    PROBE.set("the flushing task")
+    assert await safe.aflush(10)
+    check_context(handler.seen)
+
+
+class TickHandler(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, Any]] = []
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        self.seen.append((data, PROBE.get()))
+
+
+class AsyncTickHandler(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, Any]] = []
+
+    async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        self.seen.append((data, PROBE.get()))
+
+
+def ticking() -> RunnableGenerator:
+    """A runnable that changes the context variable before each event it emits."""
+
+    def gen(inputs: Iterator[Any]) -> Iterator[int]:
+        for _ in inputs:
+            pass
+        for i in range(30):
+            PROBE.set(i)
+            dispatch_custom_event("tick", i)
+            yield i
+
+    async def agen(inputs: AsyncIterator[Any]) -> AsyncIterator[int]:
+        async for _ in inputs:
+            pass
+        for i in range(30):
+            PROBE.set(i)
+            await adispatch_custom_event("tick", i)
+            yield i
+
+    return RunnableGenerator(gen, agen)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stream_context_is_captured_per_event(kind: str) -> None:
+    handler = TickHandler() if kind == "sync" else AsyncTickHandler()
+    safe = harden(handler, breaker=None)
+    assert list(ticking().stream("go", config={"callbacks": [safe]})) == list(range(30))
+    assert safe.flush(10)
+    assert handler.seen == [(i, i) for i in range(30)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_astream_context_is_captured_per_event(kind: str) -> None:
+    handler = TickHandler() if kind == "sync" else AsyncTickHandler()
+    safe = harden(handler, breaker=None)
+    got = [i async for i in ticking().astream("go", config={"callbacks": [safe]})]
+    assert got == list(range(30))
+    assert await safe.aflush(10)
+    assert handler.seen == [(i, i) for i in range(30)]
+
+
+# --------------------------------------------------------------------------------------------
+# One handler never delays another
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hung", KINDS)
+@pytest.mark.parametrize("other", KINDS)
+def test_stream_hung_handler_does_not_delay_another(
+    hung: str, other: str, releases: list[Any]
+) -> None:
+    stuck = blocker(hung, after=0)
+    releases.append(stuck)
+    witness = recorder(other)
+    safe_stuck, safe_witness = harden(stuck), harden(witness)
+    config = {"callbacks": [safe_stuck, safe_witness]}
+    chunks = [str(c.content) for c in fake_chat_model(WORDS).stream("hi", config=config)]
+    assert stuck.entered.wait(10)
+    assert safe_witness.flush(3), safe_witness.stats()
+    assert not stuck.gate.is_set()
+    check_complete(witness, chunks)
+    assert not safe_stuck.flush(0.05)  # it really is still hung
+    stuck.release()
+    assert safe_stuck.flush(10)
+    check_complete(stuck, chunks)
+
+
+@pytest.mark.parametrize("hung", KINDS)
+@pytest.mark.parametrize("other", KINDS)
+async def test_astream_hung_handler_does_not_delay_another(
+    hung: str, other: str, releases: list[Any]
+) -> None:
+    stuck = blocker(hung, after=0)
+    releases.append(stuck)
+    witness = recorder(other)
+    safe_stuck, safe_witness = harden(stuck), harden(witness)
+    config = {"callbacks": [safe_stuck, safe_witness]}
+    chunks = [str(c.content) async for c in fake_chat_model(WORDS).astream("hi", config=config)]
+    assert await async_wait_until(stuck.entered.is_set, 10)
+    assert await safe_witness.aflush(3), safe_witness.stats()
+    assert not stuck.gate.is_set()
+    check_complete(witness, chunks)
+    assert not await safe_stuck.aflush(0.05)
+    stuck.release()
+    assert await safe_stuck.aflush(10)
+    check_complete(stuck, chunks)
+
+
+FRESH_POOL_SCRIPT = """
+import os, sys, threading
+from langchain_core.callbacks import BaseCallbackHandler
+from safecallbacks import harden
+from safecallbacks.testing import RecordingHandler, fake_chat_model
+
+class TokenSink(BaseCallbackHandler):
+    # Hangs on its first event: the first time its lane is kicked, a worker gets stuck.
+    def __init__(self):
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.entered.set()
+        self.gate.wait()
+
+def child(scenario):
+    stuck, witness = TokenSink(), RecordingHandler()
+    safe_stuck, safe_witness = harden(stuck), harden(witness)
+    if scenario == "one stream, witness first":
+        runs = [[safe_witness, safe_stuck]]
+    elif scenario == "one stream, hung first":
+        runs = [[safe_stuck, safe_witness]]
+    else:  # "witness, then hung, then witness again": one request after the other
+        runs = [[safe_witness], [safe_stuck], [safe_witness]]
+    model = fake_chat_model(3, replies=len(runs))
+    for callbacks in runs:
+        for _ in model.stream("hi", config={"callbacks": callbacks}):
+            pass
+        if safe_stuck in callbacks and not stuck.entered.wait(10):
+            return 3
+    if not safe_witness.flush(2.0):
+        return 1
+    return 0 if len(witness.calls) == 7 * sum(safe_witness in r for r in runs) else 2
+
+SCENARIOS = ["one stream, witness first", "one stream, hung first",
+             "witness, then hung, then witness again"]
+for round in range(int(sys.argv[1])):
+    scenario = SCENARIOS[round % 3]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(child(scenario))
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        print(f"round {round} ({scenario}): child exited {code} (1: the witness was starved)")
+        sys.exit(1)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_hung_handler_does_not_starve_another_in_a_fresh_pool(tmp_path: Path) -> None:
+    """Each round runs in a forked child, so it starts with an empty worker pool.
+
+    The first deliveries of a process are where the pool has the fewest workers: the one
+    that picks up the hung handler must not leave the other handler's lane unattended.
+    """
+    run_child(tmp_path, FRESH_POOL_SCRIPT, "30", timeout=120, name="fresh_pool.py")
+
+
+# --------------------------------------------------------------------------------------------
+# One hardened handler per request: a thousand of them must not mean a thousand threads.
+#
+# Runs in a child interpreter with SAFECALLBACKS_WORKER_IDLE=0.2 (read when the worker pool
+# is created), so idle workers leave quickly and "back to baseline" is observable in a
+# bounded wait. The script counts every Thread.start() in the process and samples
+# threading.active_count() while the requests run.
+# --------------------------------------------------------------------------------------------
+
+REQUESTS = 1_000
+
+PER_REQUEST_SCRIPT = """
+import asyncio, json, sys, threading, time
+
+STARTED = []
+_start = threading.Thread.start
+
+def counting_start(self):
+    STARTED.append(self.name)
+    _start(self)
+
+threading.Thread.start = counting_start
+
+from safecallbacks import harden
+from safecallbacks.testing import (
+    AsyncRecordingHandler, RecordingHandler, fake_chat_model, wait_until, worker_threads)
+
+MODE, REQUESTS = sys.argv[1], int(sys.argv[2])
+WORDS = 3  # five chunks, seven events per request
+baseline = threading.active_count()
+peak = [baseline]
+lib_peak = [0]
+done = threading.Event()
+
+def note():
+    peak[0] = max(peak[0], threading.active_count())
+    ours = sum(t.name.startswith("safecallbacks") for t in threading.enumerate())
+    lib_peak[0] = max(lib_peak[0], ours)
+
+def sample():
+    while not done.is_set():
+        note()
+        done.wait(0.002)
+
+sampler = threading.Thread(target=sample, name="sampler")
+sampler.start()
+baseline_with_sampler = baseline + 1
+bad = []
+
+def request(model):
+    handler = RecordingHandler()
+    with harden(handler) as safe:
+        for _ in model.stream("hi", config={"callbacks": [safe]}):
+            pass
+        note()
+    if len(handler.calls) != 7 or safe.stats().pending:
+        bad.append(safe.stats().pending)
+
+async def arequest(model):
+    handler, ahandler = RecordingHandler(), AsyncRecordingHandler()
+    async with harden(handler) as safe, harden(ahandler) as asafe:
+        async for _ in model.astream("hi", config={"callbacks": [safe, asafe]}):
+            pass
+    if len(handler.calls) != 7 or len(ahandler.calls) != 7:
+        bad.append((len(handler.calls), len(ahandler.calls)))
+
+if MODE == "sequential":
+    model = fake_chat_model(WORDS, replies=REQUESTS)
+    for _ in range(REQUESTS):
+        request(model)
+elif MODE == "threads":
+    model = fake_chat_model(WORDS, replies=REQUESTS)
+    def serve(count):
+        for _ in range(count):
+            request(model)
+    servers = [threading.Thread(target=serve, args=(REQUESTS // 8,), name=f"server-{i}")
+               for i in range(8)]
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.join(120)
+elif MODE == "asyncio":
+    model = fake_chat_model(WORDS, replies=REQUESTS)
+    async def main():
+        for first in range(0, REQUESTS, 50):
+            await asyncio.gather(*(arequest(model) for _ in range(50)))
+    asyncio.run(main())
+
+note()
+workers_at_end = worker_threads()
+ended = wait_until(
+    lambda: worker_threads() == 0 and threading.active_count() == baseline_with_sampler,
+    timeout=15.0,
+)
+done.set()
+sampler.join(5)
+print(json.dumps({
+    "bad": bad[:5],
+    "bad_count": len(bad),
+    "baseline": baseline,
+    "peak_extra": peak[0] - baseline_with_sampler,
+    "lib_peak": lib_peak[0],
+    "started": [name for name in STARTED if name.startswith("safecallbacks")],
+    "others_started": sorted({name for name in STARTED if not name.startswith("safecallbacks")}),
+    "workers_at_end": workers_at_end,
+    "back_to_baseline": ended,
+    "left": [t.name for t in threading.enumerate()],
+}))
+"""
+
+
+def run_per_request(directory: Path, mode: str) -> dict[str, Any]:
+    done = run_child(
+        directory,
+        PER_REQUEST_SCRIPT,
+        mode,
+        str(REQUESTS),
+        env={"SAFECALLBACKS_WORKER_IDLE": "0.2"},
+        timeout=150,
+        name=f"per_request_handlers_{mode}.py",
+    )
+    result: dict[str, Any] = json_lines(done)[-1]
+    return result
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+    """One child run per mode, shared by the tests that look at it."""
+    directory = tmp_path_factory.mktemp("threads")
+    cache: dict[str, dict[str, Any]] = {}
+
+    def get(mode: str) -> dict[str, Any]:
+        if mode not in cache:
+            cache[mode] = run_per_request(directory, mode)
+        return cache[mode]
+
+    return get
+
+
+# Extra threads the script's own machinery runs at the same time: 8 request-serving threads
+# in "threads" mode; asyncio's default executor (at most min(32, cpus + 4)) in "asyncio" mode,
+# which LangChain uses to iterate GenericFakeChatModel's sync stream, plus the thread
+# asyncio.run starts to shut that executor down.
+OTHERS = {"sequential": 0, "threads": 8, "asyncio": min(32, (os.cpu_count() or 1) + 4) + 1}
+
+
+FEW = 32  # "far fewer than one per request": a few dozen at the very most
+# Over the whole run: the child lets idle workers go after 0.2 s, so bursts separated by a
+# quiet moment may start new ones; still at most a few percent of the 1,000 requests.
+STARTED_AT_MOST = 64
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["sequential", "threads", "asyncio"])
+def test_a_thousand_short_lived_handlers_share_a_few_threads(
+    results: Callable[[str], dict[str, Any]], mode: str
+) -> None:
+    """1,000 requests, each with its own hardened handler, one at a time ("sequential"),
+    from 8 server threads ("threads") or 50 at a time on one event loop ("asyncio").
+
+    Every delivery takes microseconds and nothing is blocked, so a few workers keep up;
+    the pool must neither start a worker per request nor one per concurrent request.
+    """
+    result = results(mode)
+    assert result["bad_count"] == 0, result["bad"]
+    started = result["started"]
+    assert len(started) <= STARTED_AT_MOST, f"{len(started)} workers started: {started[-5:]}"
+    assert result["lib_peak"] <= FEW, result  # threads alive at the same time
+    assert result["peak_extra"] <= result["lib_peak"] + OTHERS[mode], result
+    if mode == "sequential":
+        # One request at a time: a couple of workers do all the work.
+        assert len(started) <= 4, started
+    # And once the requests are over, the idle workers leave: nothing is left behind.
+    assert result["back_to_baseline"], result["left"]
+
+
+# --------------------------------------------------------------------------------------------
+# Closed event loops are let go
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_closed_loops_are_not_kept_alive_by_a_shared_handler() -> None:
+    """One asyncio.run per request with a module-level handler must not accumulate loops."""
+    safe = harden(AsyncRecordingHandler())
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def request() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async for _ in fake_chat_model(2).astream("hi", config={"callbacks": [safe]}):
+            pass
+        assert await safe.aflush(10)
+
+    for _ in range(50):
+        asyncio.run(request())
+    gc.collect()
+    alive = sum(ref() is not None for ref in loops)
+    assert alive <= 1, f"{alive} closed event loops are still referenced"
+    assert_accounted(safe.stats())
+
+
+# --------------------------------------------------------------------------------------------
+# os.fork(): the child starts fresh, the parent carries on (child interpreters, so a fork
+# never copies pytest's own threads)
+# --------------------------------------------------------------------------------------------
+
+FORK = """
+from safecallbacks.testing import AsyncRecordingHandler, RecordingHandler, worker_threads
+
+PARENT = os.getpid()
+
+class ParentOnlyHang(RecordingHandler):
+    # Hangs on every token, but only in the parent process.
+    def __init__(self):
+        super().__init__()
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def on_llm_new_token(self, *args, **kwargs):
+        if os.getpid() == PARENT:
+            self.entered.set()
+            self.gate.wait()
+        self.record("on_llm_new_token", args, kwargs)
+
+handlers = {"sync": RecordingHandler(), "async": AsyncRecordingHandler(), "hang": ParentOnlyHang()}
+safes = {name: harden(h, breaker=None) for name, h in handlers.items()}
+config = {"callbacks": list(safes.values())}
+calm = {"callbacks": [safes["sync"], safes["async"]]}
+model = fake_chat_model(5, replies=5)  # 9 chunks, 11 events per stream
+# The hung handler first, so that it has a worker of its own before the others start.
+for _ in model.stream("hi", config={"callbacks": [safes["hang"]]}):
+    pass
+assert handlers["hang"].entered.wait(10)
+for _ in model.stream("hi", config=calm):
+    pass
+assert safes["sync"].flush(10) and safes["async"].flush(10)
+
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read_end)
+    out = {"fresh": {n: summary(s.stats()) for n, s in safes.items()},
+           "workers_at_start": worker_threads(),
+           "calls_at_start": {n: len(h.calls) for n, h in handlers.items()}}
+    for _ in model.stream("hi", config=config):
+        pass
+    out["flushed"] = {n: s.flush(10) for n, s in safes.items()}
+    out["after"] = {n: summary(s.stats()) for n, s in safes.items()}
+    out["calls_after"] = {n: len(h.calls) for n, h in handlers.items()}
+    os.write(write_end, json.dumps(out).encode())
+    os.close(write_end)
+    os._exit(0)
+
+os.close(write_end)
+data = b""
+while True:
+    chunk = os.read(read_end, 65536)
+    if not chunk:
+        break
+    data += chunk
+_, status = os.waitpid(pid, 0)
+RESULT["child_exit"] = os.waitstatus_to_exitcode(status)
+RESULT["child"] = json.loads(data or b"{}")
+for _ in model.stream("hi", config=calm):
+    pass
+for _ in model.stream("hi", config={"callbacks": [safes["hang"]]}):
+    pass
+RESULT["parent_flushed"] = {n: safes[n].flush(10) for n in ("sync", "async")}
+RESULT["parent"] = {n: summary(s.stats()) for n, s in safes.items()}
+handlers["hang"].gate.set()
+RESULT["parent_hang_flushed"] = safes["hang"].flush(10)
+RESULT["parent_after_release"] = summary(safes["hang"].stats())
+RESULT["main_done"] = time.monotonic()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_starts_fresh_and_parent_carries_on(tmp_path: Path) -> None:
+    result = run_reporting(tmp_path, FORK)
+    per_stream = 11
+    assert result["child_exit"] == 0, result
+    child = result["child"]
+    for name in ("sync", "async", "hang"):
+        fresh = child["fresh"][name]
+        assert fresh["emitted"] == fresh["delivered"] == fresh["pending"] == 0, child
+        assert fresh["dropped"] == 0
+        assert child["flushed"][name] is True, child
+        after = child["after"][name]
+        assert after["emitted"] == after["delivered"] == per_stream, child
+        assert after["pending"] == 0
+    assert child["workers_at_start"] == 0
+    # The handlers' own memory was copied by fork; the child added exactly its own events.
+    for name in ("sync", "async"):
+        assert child["calls_after"][name] - child["calls_at_start"][name] == per_stream
+    # The hung handler's queue in the parent was not replayed in the child.
+    assert child["calls_after"]["hang"] - child["calls_at_start"]["hang"] == per_stream
+
+    parent = result["parent"]
+    for name in ("sync", "async"):
+        assert result["parent_flushed"][name] is True
+        assert parent[name]["emitted"] == parent[name]["delivered"] == 2 * per_stream
+    assert result["parent_hang_flushed"] is True
+    released = result["parent_after_release"]
+    assert released["emitted"] == released["delivered"] == 2 * per_stream
+
+
+FORK_WHILE_LOCKED = """
+import safecallbacks
+from safecallbacks import (
+    _classes, _hardened, _install, _lifecycle, _loops, _metrics, _policy, _workers,
+)
+from safecallbacks.testing import RecordingHandler
+
+held, release = threading.Event(), threading.Event()
+LOCKS = {
+    "engine": lambda: _hardened.ENGINE_LOCK,
+    "classes": lambda: _classes._classes_lock,
+    "install": lambda: _install._lock,
+    "policy": lambda: _policy._lock,
+    "instruments": lambda: _metrics._instruments_lock,
+    "pool": lambda: _workers._POOL_LOCK,
+    "background loop": lambda: _loops._BACKGROUND_LOCK,
+    "registry": lambda: _lifecycle.registry._lock,
+}
+
+def hold_every_lock():
+    for get in LOCKS.values():
+        get().acquire()
+    held.set()
+    release.wait()
+    for get in LOCKS.values():
+        get().release()
+
+threading.Thread(target=hold_every_lock, daemon=True).start()
+assert held.wait(10)
+pid = os.fork()
+if pid == 0:
+    # The child must be able to do everything that takes those locks.
+    class Fresh(RecordingHandler):
+        pass
+    handler = harden(Fresh(), mode="offload")
+    safecallbacks.register_inline("some.module.Tracer")
+    safecallbacks.install()
+    for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+        pass
+    ok = handler.flush(10)
+    safecallbacks.uninstall()
+    os._exit(0 if ok and len(handler.calls) == 7 else 3)
+release.set()
+deadline = time.monotonic() + 20
+status = None
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+RESULT["child_exit"] = os.waitstatus_to_exitcode(status) if done else "hung"
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_holds_a_package_lock_leaves_the_child_working(
+    tmp_path: Path,
+) -> None:
+    result = run_reporting(tmp_path, FORK_WHILE_LOCKED)
+    assert result["child_exit"] == 0, result

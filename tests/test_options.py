@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from safecallbacks import Breaker, SafeHandler, harden, harden_config
-from safecallbacks.testing import RecordingHandler
+from safecallbacks.testing import RecordingHandler, options_of
 
 BAD: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"mode": "fast"}, ValueError, "mode"),
@@ -55,7 +55,7 @@ def test_good_options_are_kept() -> None:
         breaker=(3, 1.5),
         name="audit",
     )
-    options = safe._sc_core.options
+    options = options_of(safe)
     assert (options.mode, options.max_queue, options.on_full) == ("inline", 7, "block")
     assert options.breaker == Breaker(failures=3, reset=1.5)
     assert options.timeout == 2.0 and safe.stats().handler == "audit"

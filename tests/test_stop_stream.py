@@ -9,11 +9,7 @@ the whole stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 from typing import Any
 
@@ -23,8 +19,13 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.runnables import RunnableLambda
 
 from safecallbacks import StopStream, harden
-from safecallbacks._paced import PacedFakeChatModel, make_tokens
-from safecallbacks.testing import assert_accounted, fake_chat_model
+from safecallbacks.testing import (
+    PacedFakeChatModel,
+    assert_accounted,
+    fake_chat_model,
+    make_tokens,
+)
+from tests._child import json_lines, output_of, run_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -287,8 +288,7 @@ LOOP_KILLER_SCRIPT = """
 import asyncio, itertools, json, os, sys
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from safecallbacks import harden
-from safecallbacks._paced import PacedFakeChatModel, make_tokens
-from safecallbacks.testing import AsyncRecordingHandler
+from safecallbacks.testing import AsyncRecordingHandler, PacedFakeChatModel, make_tokens
 
 TOKENS = make_tokens(30)
 
@@ -351,17 +351,12 @@ for exc_type, emitter, shape in itertools.product(
 
 @pytest.fixture(scope="module")
 def loop_killer_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], Any]:
-    script = tmp_path_factory.mktemp("loop_killer") / "loop_killer.py"
-    script.write_text(textwrap.dedent(LOOP_KILLER_SCRIPT))
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=150
-    )
+    directory = tmp_path_factory.mktemp("loop_killer")
+    done = run_child(directory, LOOP_KILLER_SCRIPT, timeout=150, name="loop_killer.py", check=False)
     results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            out = json.loads(line)
-            results[tuple(out.pop("case"))] = out
-    assert len(results) == 8, done.stdout + done.stderr[-3000:]
+    for out in json_lines(done):
+        results[tuple(out.pop("case"))] = out
+    assert len(results) == 8, output_of(done)
     return results
 
 
@@ -462,9 +457,9 @@ class StopsAtFirstToken(BaseCallbackHandler):
 
 
 def _fast_path_on(handler: Any) -> bool:
-    from safecallbacks._hardened import engine
+    from safecallbacks._hardened import engine_of
 
-    return engine(handler).fast_lane is not None
+    return engine_of(handler).fast_lane is not None
 
 
 def test_a_stop_raised_by_a_runs_end_is_counted_too_late_and_leaves_no_mark() -> None:

@@ -16,7 +16,12 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 
 from safecallbacks import SafeHandler, StopStream, harden, harden_config, stats
-from safecallbacks.testing import AsyncRecordingHandler, RecordingHandler, fake_chat_model
+from safecallbacks.testing import (
+    AsyncRecordingHandler,
+    RecordingHandler,
+    fake_chat_model,
+    options_of,
+)
 
 TOKENS = 8
 CHUNKS = 2 * TOKENS - 1
@@ -114,7 +119,7 @@ def test_decorated_class_with_and_without_options() -> None:
         assert handler.flush(5.0)
         assert len(handler.tokens()) == CHUNKS
     assert tuned.stats().handler == "metrics"
-    assert tuned._sc_core.options.max_queue == 50_000
+    assert options_of(tuned).max_queue == 50_000
     assert plain.stats().handler == "Decorated"
 
 

@@ -17,7 +17,14 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from structlog.testing import capture_logs
 
 from safecallbacks import SafeHandler, harden
-from safecallbacks.testing import BlockingHandler, assert_accounted, fake_chat_model, wait_until
+from safecallbacks.testing import (
+    BlockingHandler,
+    FakeClock,
+    assert_accounted,
+    fake_chat_model,
+    use_clock,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +62,6 @@ def _units(reader: InMemoryMetricReader) -> dict[str, str]:
         for scope in resource.scope_metrics
         for metric in scope.metrics
     }
-
-
-class _Clock:
-    """A clock that moves only when told to (or by ``step`` per reading)."""
-
-    def __init__(self, step: float = 0.0) -> None:
-        self.now = 1000.0
-        self.step = step
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self.now += self.step
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 def _llm_run(handler: BaseCallbackHandler) -> Any:
@@ -159,14 +148,14 @@ def test_drops_and_queue_depth_are_reported(reader: InMemoryMetricReader) -> Non
 
 
 def test_thousands_of_failures_log_one_entry_and_summaries() -> None:
-    clock = _Clock(step=0.01)  # each failure reading moves time on by 10 ms
+    clock = FakeClock(step=0.01)  # each failure reading moves time on by 10 ms
 
     class Broken(SafeHandler):
         def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
             raise ValueError("sink is down")
 
     handler = Broken(breaker=None, summary_interval=10.0)
-    handler._sc_core.observer.set_clock(clock)
+    use_clock(handler, clock)
     with capture_logs() as logs:
         chunks = list(fake_chat_model(2500).stream("hi", {"callbacks": [handler]}))
         assert handler.flush(30.0)
@@ -232,7 +221,7 @@ def test_stall_report_names_the_handler_once_per_interval() -> None:
 
 
 def test_breaker_closed_open_half_open_closed_and_open_again() -> None:
-    clock = _Clock()
+    clock = FakeClock()
     fail = [True]
 
     class Switch(SafeHandler):
@@ -241,7 +230,7 @@ def test_breaker_closed_open_half_open_closed_and_open_again() -> None:
                 raise RuntimeError("down")
 
     handler = Switch(mode="inline", breaker=(2, 10.0))
-    handler._sc_core.observer.set_clock(clock)
+    use_clock(handler, clock)
     run = _llm_run(handler)
 
     def emit(times: int = 1) -> None:

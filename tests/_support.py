@@ -1,4 +1,8 @@
-"""Small helpers shared by the offload-mode tests (real langchain-core, nothing mocked)."""
+"""Helpers and constants shared by the test files (real langchain-core, nothing mocked).
+
+Fixtures built on them (``releases``) live in ``conftest.py``; running code in a child
+interpreter is ``_child.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,21 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
-from safecallbacks.testing import Call
+from safecallbacks.testing import (
+    AsyncRecordingHandler,
+    BlockingHandler,
+    Call,
+    RecordingHandler,
+    async_wait_until,
+    fake_chat_model,
+)
 
 # The hooks a chat model's stream fires, in order.
 START, TOKEN, END = "on_chat_model_start", "on_llm_new_token", "on_llm_end"
 STREAM_HOOKS = (START, TOKEN, END, "on_llm_error")
+
+KINDS = ["sync", "async"]
+"""Every offload property is checked with a sync and an ``async def`` handler."""
 
 PROBE = contextvars.ContextVar("offload_probe", default=None)
 """A context variable the tests set before streaming and the handlers read."""
@@ -44,6 +58,13 @@ def expected_hooks(chunks: int) -> list[str]:
 def chunk_count(words: int) -> int:
     """``fake_chat_model(words)`` streams the words and the spaces between them."""
     return 2 * words - 1
+
+
+WORDS = 20
+CHUNKS = chunk_count(WORDS)  # 39: the words and the spaces between them
+EVENTS = CHUNKS + 2  # plus on_chat_model_start and on_llm_end
+MARGIN = 0.75  # slack for "returns within its timeout" on a loaded 2-core machine
+WATCHDOG = 15.0  # a test that would otherwise hang releases its handler after this long
 
 
 def by_run(calls: Iterable[Any]) -> dict[Any, list[Any]]:
@@ -158,3 +179,48 @@ def gate_releaser(handlers: list[Any]) -> Iterator[list[Any]]:
     yield handlers
     for handler in handlers:
         handler.release()
+
+
+def recorder(kind: str) -> RecordingHandler | AsyncRecordingHandler:
+    return RecordingHandler() if kind == "sync" else AsyncRecordingHandler()
+
+
+def probe(kind: str) -> SyncProbe | AsyncProbe:
+    return SyncProbe() if kind == "sync" else AsyncProbe()
+
+
+def blocker(kind: str, after: int = 0) -> BlockingHandler | AsyncBlockingHandler:
+    return BlockingHandler(after=after) if kind == "sync" else AsyncBlockingHandler(after=after)
+
+
+def watchdog(handler: BlockingHandler | AsyncBlockingHandler) -> threading.Timer:
+    """Release ``handler`` after WATCHDOG seconds so a broken library fails instead of hanging."""
+    timer = threading.Timer(WATCHDOG, handler.release)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def check_complete(handler: Any, chunks: list[str]) -> None:
+    """The handler saw one whole ``fake_chat_model(WORDS)`` stream of ``chunks``, in order."""
+    assert hooks_of(handler.calls) == expected_hooks(CHUNKS)
+    assert tokens_of(handler.calls) == chunks
+
+
+def stream_parked(safe: Any, stuck: Any, words: int = WORDS) -> list[str]:
+    """Stream; at the first chunk wait until the handler is parked in token 0, then go on."""
+    chunks = []
+    for chunk in fake_chat_model(words).stream("hi", config={"callbacks": [safe]}):
+        if not chunks:
+            assert stuck.entered.wait(10), "the handler never parked"
+        chunks.append(str(chunk.content))
+    return chunks
+
+
+async def astream_parked(safe: Any, stuck: Any, words: int = WORDS) -> list[str]:
+    chunks = []
+    async for chunk in fake_chat_model(words).astream("hi", config={"callbacks": [safe]}):
+        if not chunks:
+            assert await async_wait_until(stuck.entered.is_set, 10), "the handler never parked"
+        chunks.append(str(chunk.content))
+    return chunks
