@@ -22,7 +22,7 @@ from typing import Any
 import _common as c
 from langchain_core.callbacks import BaseCallbackHandler
 
-from safecallbacks._paced import PacedFakeChatModel, make_tokens
+from safecallbacks.testing import PacedFakeChatModel, make_tokens
 
 
 @dataclass(frozen=True)

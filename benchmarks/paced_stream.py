@@ -28,7 +28,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 
-from safecallbacks._paced import PacedFakeChatModel, make_tokens
+from safecallbacks.testing import PacedFakeChatModel, make_tokens
 
 
 @dataclass(frozen=True)

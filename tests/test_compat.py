@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 from uuid import uuid4
 
+import pytest
 from langchain_core.callbacks import (
     AsyncCallbackManagerForChainRun,
     BaseCallbackHandler,
@@ -102,3 +104,77 @@ def test_v2_streaming_base_exists_on_langchain_core_1() -> None:
 
     if int(langchain_core.__version__.split(".")[0]) >= 1:
         assert _compat.V2_STREAMING_BASE is not None
+
+
+def test_count_value_reads_an_itertools_count_without_consuming() -> None:
+    import itertools
+
+    counter = itertools.count()
+    for _ in range(5):
+        next(counter)
+    assert _compat.count_value(counter) == 5
+    assert _compat.count_value(counter) == 5  # reading took nothing
+    assert next(counter) == 5
+
+
+async def test_tasks_run_in_the_context_given_and_cancellation_is_visible() -> None:
+    import contextvars
+
+    seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="caller")
+    context = contextvars.copy_context()
+    context.run(seen.set, "handler")
+
+    async def read() -> str:
+        return seen.get()
+
+    task = _compat.task_in_context(asyncio.get_running_loop(), read(), context)
+    assert await task == "handler" and seen.get() == "caller"
+
+    blocker = asyncio.create_task(asyncio.sleep(30))
+    await asyncio.sleep(0)
+    blocker.cancel()
+    assert _compat.task_cancelling(blocker)
+    _compat.task_uncancel(blocker)
+    assert not _compat.task_cancelling(blocker)
+    blocker.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await blocker
+
+
+async def test_timeout_scope_is_asyncios_on_3_11() -> None:
+    assert _compat.timeout_scope is getattr(asyncio, "timeout", None)
+    if _compat.timeout_scope is not None:
+        with pytest.raises(TimeoutError):
+            async with _compat.timeout_scope(0.01):
+                await asyncio.sleep(5)
+
+
+def test_sdk_configured_tells_the_placeholder_provider_from_a_real_one() -> None:
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    placeholder = metrics.get_meter_provider()
+    expected = not isinstance(placeholder, _compat._PLACEHOLDER_PROVIDERS)
+    assert _compat.sdk_configured() is expected
+    assert _compat._proxy_meter_provider() is not None, "opentelemetry-api moved its proxy"
+    assert not isinstance(MeterProvider(), _compat._PLACEHOLDER_PROVIDERS)
+
+
+def test_a_lock_held_elsewhere_is_usable_after_reinit() -> None:
+    import threading
+
+    for lock in (threading.Lock(), threading.RLock()):
+        holder = threading.Thread(target=lock.acquire)
+        holder.start()
+        holder.join()  # held by a thread that is gone, as after a fork
+        _compat.reinit_lock_after_fork(lock)
+        assert lock.acquire(timeout=1.0)
+        lock.release()
+
+
+def test_a_missing_streaming_base_fails_at_import_not_silently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_compat, "_streaming_name", lambda name: None)
+    with pytest.raises(ImportError, match="_StreamingCallbackHandler"):
+        _compat._required_streaming_base()

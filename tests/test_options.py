@@ -60,3 +60,43 @@ def test_good_options_are_kept() -> None:
     assert options.breaker == Breaker(failures=3, reset=1.5)
     assert options.timeout == 2.0 and safe.stats().handler == "audit"
     assert harden(RecordingHandler(), breaker=None).stats().breaker == "disabled"
+
+
+def test_options_are_defined_once_and_every_signature_shows_them() -> None:
+    import dataclasses
+    import inspect
+    import typing
+
+    import safecallbacks
+    from safecallbacks import _options
+
+    names = [spec.name for spec in dataclasses.fields(_options.Options)]
+    assert list(_options.OPTION_NAMES) == names
+    # The keyword types offered to type checkers are the dataclass's, name for name.
+    assert list(typing.get_type_hints(_options.OptionValues)) == names
+    defaults = _options.make_options()
+    for public in (
+        safecallbacks.harden,
+        safecallbacks.harden_config,
+        safecallbacks.install,
+        safecallbacks.SafeHandler,
+    ):
+        parameters = inspect.signature(public).parameters
+        for name in names:
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, (public, name)
+            assert parameters[name].default == getattr(defaults, name), (public, name)
+
+
+def test_mypy_rejects_an_option_value_that_is_not_allowed(tmp_path: Any) -> None:
+    mypy_api = pytest.importorskip("mypy.api")
+    script = tmp_path / "user_code.py"
+    script.write_text(
+        "from safecallbacks import harden\n"
+        "from safecallbacks.testing import RecordingHandler\n"
+        "good = harden(RecordingHandler(), mode='inline', max_queue=5)\n"
+        "bad = harden(RecordingHandler(), mode='fast')\n"
+    )
+    out, _, status = mypy_api.run(["--strict", "--no-incremental", str(script)])
+    assert status == 1, out
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "user_code.py:4:" in errors[0], out
