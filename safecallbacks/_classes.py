@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import threading
 from collections.abc import Mapping
 from typing import Any, cast
@@ -20,7 +19,7 @@ from typing import Any, cast
 from langchain_core.callbacks import BaseCallbackHandler
 
 from . import _compat
-from ._compat import reinit_lock_after_fork
+from ._compat import fork_safe
 from ._hardened import (
     ENGINE_LOCK,
     HookAttribute,
@@ -134,12 +133,7 @@ class _HardenedClassBase(_Hardened):
 
 
 _classes: dict[tuple[type, Options], type] = {}
-_classes_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    # A fork while another thread held it would leave it held forever in the child.
-    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(_classes_lock))
+_classes_lock = fork_safe(threading.Lock())
 
 
 def hardened_class(cls: type, options: Options | None = None) -> type:

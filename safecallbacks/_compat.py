@@ -14,10 +14,11 @@ import asyncio
 import contextvars
 import importlib
 import itertools
+import os
 import sys
 from collections.abc import Callable
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import langchain_core.callbacks.manager as _lc_manager
 from opentelemetry import metrics
@@ -192,3 +193,16 @@ def reinit_lock_after_fork(lock: Any) -> None:
     the lock object, so every module that imported it by name sees the fresh one.
     """
     lock._at_fork_reinit()
+
+
+_L = TypeVar("_L")
+
+
+def fork_safe(lock: _L) -> _L:
+    """Return ``lock``, re-initialised in every forked child (for module-level locks).
+
+    A fork while another thread holds a lock would leave it held forever in the child.
+    """
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(lock))
+    return lock

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from ._compat import count_value, get_running_loop
-from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS, is_async_callable
+from ._hooks import END_HOOKS, START_HOOKS, is_async_callable
 from ._inline import InlineCalls
 from ._isolation import (
     Contained,
@@ -327,27 +327,7 @@ class Engine:
             error = None
         if hook in END_HOOKS:
             self.stops.run_ended(run_id)
-        self.add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
-
-    def add_result(
-        self,
-        batch: Batch,
-        hook: str,
-        run_id: object,
-        error: BaseException | None,
-        started: float,
-        emitted_at: float,
-        args: tuple[Any, ...] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        if error is None:
-            self.observer.outcome(True)
-            kind = None
-            if hook in PAIRED_HOOKS:
-                self.observer.track_run(hook, run_id)
-        else:
-            kind = self.observer.failure(hook, error, run_id, args, kwargs)
-        batch.add(hook, kind, _now() - started, started - emitted_at)
+        self.observer.add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
 
     # --- flush, close, stats ------------------------------------------------
 

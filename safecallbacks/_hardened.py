@@ -14,7 +14,6 @@ async manager may have to await.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from types import FunctionType, MethodType, TracebackType
 from typing import Any, TypeVar, cast
 
 from . import _compat
-from ._compat import reinit_lock_after_fork
+from ._compat import fork_safe
 from ._dispatch import Engine, Unbound
 from ._hooks import END_HOOKS, class_hooks, is_async_callable
 from ._inline import PLAIN_RESULTS
@@ -32,7 +31,7 @@ from ._options import Options
 from ._policy import auto_mode
 from ._stats import Stats
 
-ENGINE_LOCK = threading.RLock()
+ENGINE_LOCK = fork_safe(threading.RLock())
 """Held while a handler's engine is bound or replaced (rare: once per handler)."""
 _getframe = sys._getframe
 _ASYNC_MANAGER_CODE = _compat.ASYNC_MANAGER_CODE
@@ -359,8 +358,3 @@ def settler(hook: str) -> HookAttribute:
     settle.__name__ = hook
     settle._sc_owner = []  # type: ignore[attr-defined]
     return HookAttribute(hook, settle, records=False)
-
-
-if hasattr(os, "register_at_fork"):
-    # A fork while another thread held it would leave it held forever in the child.
-    os.register_at_fork(after_in_child=lambda: reinit_lock_after_fork(ENGINE_LOCK))

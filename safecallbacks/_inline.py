@@ -50,18 +50,6 @@ class InlineOwner(Protocol):
 
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
 
-    def add_result(
-        self,
-        batch: Batch,
-        hook: str,
-        run_id: object,
-        error: BaseException | None,
-        started: float,
-        emitted_at: float,
-        args: tuple[Any, ...] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> None: ...
-
 
 class InlineCalls:
     """Calling one engine's handler in the caller, and accounting for each call at once."""
@@ -82,11 +70,8 @@ class InlineCalls:
             if result is not None and isinstance(result, Awaitable):
                 self.engine.await_elsewhere(result, None)
         except BaseException as exc:
-            if passes_through_caller(exc):
-                self._commit(hook, run_id, None, started, started, args, kwargs)
-                raise
             error = exc
-        self._commit(hook, run_id, error, started, started, args, kwargs)
+        self._settle(hook, run_id, error, started, args, kwargs)
 
     async def acall(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Inline mode on the async path: LangChain awaits this, so the handler is awaited here.
@@ -108,10 +93,7 @@ class InlineCalls:
             error = await run_here(coro, self.engine.options.timeout)
         else:  # LangChain would gather it: a task of its own, in a copy of the context
             error = await run_bounded(coro, contextvars.copy_context(), self.engine.options.timeout)
-        if error is not None and passes_through_caller(error):
-            self._commit(hook, run_id, None, started, started, args, kwargs)
-            raise error
-        self._commit(hook, run_id, error, started, started, args, kwargs)
+        self._settle(hook, run_id, error, started, args, kwargs)
 
     def result(
         self, hook: str, result: object, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -139,31 +121,32 @@ class InlineCalls:
         at = _now()
         if hook == "on_chat_model_start" and isinstance(exc, NotImplementedError):
             # LangChain's own fallback: the handler gets on_llm_start instead.
-            error: BaseException | None = None
+            fallback: BaseException | None = None
             try:
                 call_hook(self.engine.resolve, self.engine.target, hook, args, kwargs)
             except BaseException as again:
-                if passes_through_caller(again):
-                    self._commit(hook, run_id, None, at, at, args, kwargs)
-                    raise
-                error = again
-            self._commit(hook, run_id, error, at, at, args, kwargs)
+                fallback = again
+            self._settle(hook, run_id, fallback, at, args, kwargs)
             return
-        if passes_through_caller(exc):
-            self._commit(hook, run_id, None, at, at, args, kwargs)
-            raise exc
-        self._commit(hook, run_id, exc, at, at, args, kwargs)
+        self._settle(hook, run_id, exc, at, args, kwargs)
 
-    def _commit(
+    def _settle(
         self,
         hook: str,
         run_id: object,
         error: BaseException | None,
         started: float,
-        at: float,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
     ) -> None:
+        """Account for one inline call at once; an error meant for the caller goes on to it."""
+        passes = error is not None and passes_through_caller(error)
         batch = Batch()
-        self.engine.add_result(batch, hook, run_id, error, started, at, args, kwargs)
-        self.engine.observer.commit(batch)
+        observer = self.engine.observer
+        observer.add_result(
+            batch, hook, run_id, None if passes else error, started, started, args, kwargs
+        )
+        observer.commit(batch)
+        if passes:
+            assert error is not None
+            raise error

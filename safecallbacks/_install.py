@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import threading
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
 from . import _compat
 from ._classes import harden_in_place
+from ._compat import fork_safe
 from ._hardened import _Hardened, engine_of
 from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
@@ -32,19 +33,15 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
+@dataclass
 class _Installed:
-    def __init__(
-        self,
-        options: Options,
-        overrides: dict[str, Options],
-        configure: Any,
-        add_handler: Any,
-    ) -> None:
-        self.options = options
-        self.overrides = overrides
-        self.configure = configure
-        self.add_handler = add_handler
-        self.hardened: weakref.WeakSet[BaseCallbackHandler] = weakref.WeakSet()
+    """What ``install()`` set up: the options in force and what it patched (to restore)."""
+
+    options: Options
+    overrides: dict[str, Options]
+    configure: Any
+    add_handler: Any
+    hardened: weakref.WeakSet[BaseCallbackHandler] = field(default_factory=weakref.WeakSet)
 
     def options_for(self, cls: type) -> Options:
         for klass in cls.__mro__:
@@ -54,17 +51,8 @@ class _Installed:
         return self.options
 
 
-_lock = threading.RLock()
+_lock = fork_safe(threading.RLock())
 _installed: _Installed | None = None
-
-
-def _lock_after_fork() -> None:
-    global _lock
-    _lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_lock_after_fork)
 
 
 def _harden(handler: Any) -> None:

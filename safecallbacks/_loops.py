@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from ._compat import get_running_loop
+from ._compat import fork_safe, get_running_loop
 from ._observe import Batch
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
 
@@ -147,7 +147,7 @@ class LoopLane(Lane):
 # --- the shared background loop -------------------------------------------------
 
 _BACKGROUND: asyncio.AbstractEventLoop | None = None
-_BACKGROUND_LOCK = threading.Lock()
+_BACKGROUND_LOCK = fork_safe(threading.Lock())
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
@@ -174,9 +174,8 @@ def background_loop() -> asyncio.AbstractEventLoop:
 
 def _reset_after_fork() -> None:
     """The parent's background loop thread does not exist in a forked child."""
-    global _BACKGROUND, _BACKGROUND_LOCK
+    global _BACKGROUND
     _BACKGROUND = None
-    _BACKGROUND_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

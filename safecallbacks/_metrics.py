@@ -7,14 +7,13 @@ recorded by the delivery side in batches, never on the token path.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import metrics
 
-from ._compat import sdk_configured
+from ._compat import fork_safe, sdk_configured
 
 __all__ = ["instruments", "register_depth_source", "sdk_configured"]
 
@@ -58,18 +57,9 @@ class _Instruments:
         )
 
 
-_instruments_lock = threading.Lock()
+_instruments_lock = fork_safe(threading.Lock())
 _instruments_by_provider: dict[int, tuple[metrics.MeterProvider, _Instruments]] = {}
 _depth_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
-
-
-def _lock_after_fork() -> None:
-    global _instruments_lock
-    _instruments_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_lock_after_fork)
 
 
 def register_depth_source(source: Callable[[], Iterable[tuple[str, int]]]) -> None:

@@ -19,14 +19,18 @@ from typing import Any
 
 from ._breaker import BreakerState, Clock
 from ._compat import count_value
-from ._hooks import ERROR_HOOKS
+from ._hooks import ERROR_HOOKS, PAIRED_HOOKS
 from ._isolation import error_type
 from ._logs import FailureLog, logger, render_payload, write
 from ._metrics import instruments, sdk_configured
 from ._options import Options
 from ._stats import Estimator, HookStats, Stats
 
+_now = time.monotonic
 DELIVERED, FAILED, DROPPED, SKIPPED = "delivered", "failed", "dropped", "skipped"
+# Columns of a per-hook row of outcome counts.
+_DELIVERED, _FAILED, _DROPPED, _SKIPPED = range(4)
+_EMPTY_ROW = (0, 0, 0, 0)
 _MAX_TRACKED_RUNS = 10_000
 
 
@@ -47,11 +51,11 @@ class Batch:
         self.hooks: list[str] = []
         self.counts: dict[tuple[str, str | None], int] = {}
 
-    def add(self, hook: str, kind: str | None, duration: float, lag: float) -> None:
+    def add(self, hook: str, error_name: str | None, duration: float, lag: float) -> None:
         self.durations.append(duration)
         self.lags.append(lag)
         self.hooks.append(hook)
-        key = (hook, kind)
+        key = (hook, error_name)
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def __len__(self) -> int:
@@ -95,7 +99,7 @@ class Observer:
     def dropped(self, hook: str, count: int = 1, reason: str = "queue_full") -> None:
         """Count events that will never be delivered (full queue, closed, lost loop)."""
         with self._lock:
-            self._bump(hook, 2, count)
+            self._bump(hook, _DROPPED, count)
             # Reported to OpenTelemetry by the next commit, off the emitting thread.
             self._unreported_drops[hook] = self._unreported_drops.get(hook, 0) + count
         if reason != "exit":  # drops at exit are reported once for the whole process
@@ -155,7 +159,7 @@ class Observer:
             if not allowed and hook.endswith(("_end", "_error")) and run_id in self._open_runs:
                 allowed = True  # let handlers that pair starts with ends close what they opened
             if not allowed:
-                self._bump(hook, 3, 1)
+                self._bump(hook, _SKIPPED, 1)
         if entered:
             self.breaker_changed(entered)
         if not allowed:
@@ -184,6 +188,27 @@ class Observer:
             self.breaker_changed(entered)
         return error_type(exc)
 
+    def add_result(
+        self,
+        batch: Batch,
+        hook: str,
+        run_id: object,
+        error: BaseException | None,
+        started: float,
+        emitted_at: float,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Settle one delivery attempt at once (breaker, runs, first-failure log) into ``batch``."""
+        if error is None:
+            self.outcome(True)
+            error_name = None
+            if hook in PAIRED_HOOKS:
+                self.track_run(hook, run_id)
+        else:
+            error_name = self.failure(hook, error, run_id, args, kwargs)
+        batch.add(hook, error_name, _now() - started, started - emitted_at)
+
     def outcome(self, ok: bool) -> None:
         """Feed one result to the breaker at once (counts wait for ``commit``)."""
         breaker = self.breaker
@@ -210,20 +235,20 @@ class Observer:
             drops, self._unreported_drops = self._unreported_drops, {}
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
-            for (hook, kind), count in batch.counts.items():
-                if kind is None:
-                    self._bump(hook, 0, count)
+            for (hook, error_name), count in batch.counts.items():
+                if error_name is None:
+                    self._bump(hook, _DELIVERED, count)
                 else:
-                    self._bump(hook, 1, count)
-                    self._errors[kind] = self._errors.get(kind, 0) + count
+                    self._bump(hook, _FAILED, count)
+                    self._errors[error_name] = self._errors.get(error_name, 0) + count
         self._report_drops(drops)
         self.emit_pending()
         if not batch.durations:
             return fresh
         found = instruments()
-        for (hook, kind), count in batch.counts.items():
-            outcome = DELIVERED if kind is None else FAILED
-            found.events.add(count, self._attributes(hook, outcome, kind or ""))
+        for (hook, error_name), count in batch.counts.items():
+            outcome = DELIVERED if error_name is None else FAILED
+            found.events.add(count, self._attributes(hook, outcome, error_name or ""))
         if sdk_configured():
             handler_only = {"handler": self.name}
             for hook, duration, lag in zip(batch.hooks, batch.durations, batch.lags, strict=True):
@@ -285,18 +310,18 @@ class Observer:
     def _bump(self, hook: str, index: int, count: int) -> None:
         row = self._hooks.get(hook)
         if row is None:
-            row = self._hooks[hook] = [0, 0, 0, 0]
+            row = self._hooks[hook] = list(_EMPTY_ROW)
         row[index] += count
 
-    def _attributes(self, hook: str, outcome: str, kind: str) -> dict[str, str]:
-        key = (hook, outcome, kind)
+    def _attributes(self, hook: str, outcome: str, error_name: str) -> dict[str, str]:
+        key = (hook, outcome, error_name)
         found = self._attrs.get(key)
         if found is None:
             found = {"handler": self.name, "hook": hook}
             if outcome:
                 found["outcome"] = outcome
-            if kind:
-                found["error.type"] = kind
+            if error_name:
+                found["error.type"] = error_name
             self._attrs[key] = found
         return found
 
@@ -322,36 +347,36 @@ class Observer:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
             errors = dict(self._errors)
             for batch in live():  # delivered but not committed yet: counted the same way
-                for (hook, kind), count in list(batch.counts.items()):
-                    row = rows.setdefault(hook, [0, 0, 0, 0])
-                    row[0 if kind is None else 1] += count
-                    if kind is not None:
-                        errors[kind] = errors.get(kind, 0) + count
+                for (hook, error_name), count in list(batch.counts.items()):
+                    row = rows.setdefault(hook, list(_EMPTY_ROW))
+                    row[_DELIVERED if error_name is None else _FAILED] += count
+                    if error_name is not None:
+                        errors[error_name] = errors.get(error_name, 0) + count
             duration = self._duration.summary()
             lag = self._lag.summary()
             breaker = self.breaker.state if self.breaker.threshold is not None else "disabled"
         emitted = count_value(self.emitted) + inline_events
-        totals = [sum(row[i] for row in rows.values()) for i in range(4)]
+        totals = [sum(row[column] for row in rows.values()) for column in range(len(_EMPTY_ROW))]
         per_hook = {}
         for hook in set(rows) | set(queued):
-            row = rows.get(hook, [0, 0, 0, 0])
+            row = rows.get(hook, list(_EMPTY_ROW))
             waiting = queued.get(hook, 0)
             per_hook[hook] = HookStats(
                 emitted=sum(row) + waiting,
-                delivered=row[0],
-                failed=row[1],
-                dropped=row[2],
-                skipped=row[3],
+                delivered=row[_DELIVERED],
+                failed=row[_FAILED],
+                dropped=row[_DROPPED],
+                skipped=row[_SKIPPED],
                 pending=waiting,
             )
         return Stats(
             handler=self.name,
             mode=mode,
             emitted=emitted,
-            delivered=totals[0],
-            failed=totals[1],
-            dropped=totals[2],
-            skipped=totals[3],
+            delivered=totals[_DELIVERED],
+            failed=totals[_FAILED],
+            dropped=totals[_DROPPED],
+            skipped=totals[_SKIPPED],
             pending=max(emitted - sum(totals), 0),
             hooks=MappingProxyType(per_hook),
             errors=MappingProxyType(errors),

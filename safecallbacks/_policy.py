@@ -16,11 +16,11 @@ path: the choice is made once, when a handler is hardened.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable
 
 from . import _compat
+from ._compat import fork_safe
 
 INLINE_BY_DEFAULT: list[str] = [
     # tracers
@@ -46,16 +46,7 @@ PLUMBING: list[str] = [
 PLUMBING_PACKAGES = ("langchain_core", "langgraph")
 """A handler whose nearest class from these packages is ``_``-named is plumbing."""
 
-_lock = threading.Lock()
-
-
-def _lock_after_fork() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_lock_after_fork)
+_lock = fork_safe(threading.Lock())
 
 
 def dotted_name(cls: type) -> str:

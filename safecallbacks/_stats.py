@@ -203,8 +203,8 @@ def merge_stats(
                 (row.emitted, row.delivered, row.failed, row.dropped, row.skipped, row.pending)
             ):
                 into[i] += value
-        for kind, count in part.errors.items():
-            errors[kind] = errors.get(kind, 0) + count
+        for error_name, count in part.errors.items():
+            errors[error_name] = errors.get(error_name, 0) + count
     duration, lag = Estimator(), Estimator()
     for member_duration, member_lag in estimators:
         duration.merge(member_duration)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
 from ._stopping import StopStream
@@ -79,7 +80,7 @@ class ThreadLane(Lane):
                 if call is None:
                     call = calls[hook] = engine.sync_call(hook)
                 self.busy_since, self.inflight = started, hook
-                kind: str | None = None
+                error_name: str | None = None
                 try:
                     result = context.run(call, *args, **kwargs)
                     if result is not None and isinstance(result, Awaitable):
@@ -87,19 +88,19 @@ class ThreadLane(Lane):
                 except StopStream as stop:
                     stops.mark(hook, run_id, stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
-                    kind = observer.failure(hook, exc, run_id, args, kwargs)
+                    error_name = observer.failure(hook, exc, run_id, args, kwargs)
                 self.busy_since = self.inflight = None  # settled: no longer pending
                 if hook in END_HOOKS:
                     stops.run_ended(run_id)
                 ended = _now()
-                if kind is None and breaker.consecutive:
+                if error_name is None and breaker.consecutive:
                     observer.outcome(True)
                 durations.append(ended - started)
                 lags.append(started - emitted_at)
                 hooks.append(hook)
-                key = (hook, kind)
+                key = (hook, error_name)
                 counts[key] = counts.get(key, 0) + 1
-                if kind is None and hook in PAIRED_HOOKS:
+                if error_name is None and hook in PAIRED_HOOKS:
                     observer.track_run(hook, run_id)
                 started = ended
         finally:
@@ -292,7 +293,7 @@ class Pool:
 
 
 _POOL: Pool | None = None
-_POOL_LOCK = threading.Lock()
+_POOL_LOCK = fork_safe(threading.Lock())
 
 
 def pool() -> Pool:
@@ -320,9 +321,8 @@ def forget(lane: ThreadLane) -> None:
 
 def _reset_after_fork() -> None:
     """The child starts with no workers: the parent's threads do not exist in it."""
-    global _POOL, _POOL_LOCK
+    global _POOL
     _POOL = None
-    _POOL_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
