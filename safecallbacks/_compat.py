@@ -11,12 +11,10 @@ Nothing here runs on the token path except ``get_running_loop``,
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import importlib
 import itertools
 import os
 import sys
-from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, TypeVar
 
@@ -121,34 +119,6 @@ def configure_function() -> Any:
 
 def set_configure_function(function: Any) -> None:
     _lc_manager._configure = function
-
-
-# --- asyncio across Python versions -------------------------------------------
-
-timeout_scope: Callable[[float], Any] | None = getattr(asyncio, "timeout", None)
-"""``asyncio.timeout`` (Python >= 3.11); None before, where callers fall back to a task."""
-
-
-def task_cancelling(task: asyncio.Task[Any]) -> bool:
-    """Whether ``task`` has a cancellation request pending (always False before 3.11)."""
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
-
-
-def task_uncancel(task: asyncio.Task[Any]) -> None:
-    """Withdraw one cancellation request we made ourselves (a no-op before 3.11)."""
-    uncancel = getattr(task, "uncancel", None)
-    if uncancel is not None:
-        uncancel()
-
-
-def task_in_context(
-    loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context
-) -> asyncio.Task[Any]:
-    """A task that runs ``coro`` in ``context`` (3.11's ``context=``, or entered by hand)."""
-    if sys.version_info >= (3, 11):
-        return loop.create_task(coro, context=context)
-    return context.run(loop.create_task, coro)  # pragma: no cover - Python 3.10
 
 
 # --- counters and OpenTelemetry -------------------------------------------------

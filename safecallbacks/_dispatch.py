@@ -327,7 +327,9 @@ class Engine:
             error = None
         if hook in END_HOOKS:
             self.stops.run_ended(run_id)
-        self.observer.add_result(batch, hook, run_id, error, started, emitted_at, args, kwargs)
+        self.observer.add_result(
+            batch, hook, run_id, error, started, emitted_at, args, kwargs, context
+        )
 
     # --- flush, close, stats ------------------------------------------------
 

@@ -23,7 +23,6 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _compat
 from ._hooks import ignore_flag_for
 from ._stopping import StopStream
 
@@ -36,7 +35,7 @@ def own_task_is_cancelling() -> bool:
         task = asyncio.current_task()
     except RuntimeError:  # no running loop on this thread
         return False
-    return task is not None and _compat.task_cancelling(task)
+    return task is not None and task.cancelling() > 0
 
 
 def passes_through_caller(exc: BaseException) -> bool:
@@ -162,9 +161,7 @@ async def run_here(coro: Any, timeout: float) -> BaseException | None:
     reported as a ``TimeoutError``. A real cancellation of the caller's task
     passes through.
     """
-    if _compat.timeout_scope is None:  # pragma: no cover - Python 3.10: a task of its own
-        return await run_bounded(coro, contextvars.copy_context(), timeout)
-    limit = _compat.timeout_scope(timeout)
+    limit = asyncio.timeout(timeout)
     try:
         async with limit:
             await coro
@@ -194,7 +191,7 @@ async def run_bounded(
     a ``TimeoutError``; if the handler ignores the cancellation we still move on.
     """
     loop = asyncio.get_running_loop()
-    task = _compat.task_in_context(loop, contained(coro), context)
+    task = loop.create_task(contained(coro), context=context)
     finished: asyncio.Future[None] = loop.create_future()
     timed_out = False
 
@@ -311,7 +308,7 @@ async def drive_bounded(
     try:
         await drive
     except _Timeout:
-        _compat.task_uncancel(task)
+        task.uncancel()
         return TimeoutError(f"async hook exceeded timeout={timeout}s")
     except asyncio.CancelledError as exc:
         if own_task_is_cancelling():

@@ -4,14 +4,22 @@ The first failure of each (handler, hook, error type) is logged with the
 handler's own stack, then rate-limited summaries; prompt and token text only
 with ``log_payloads=True``. Lines are decided under the observer's lock and
 written after it is released, from the delivery side, never the token path.
+
+Without a structlog configuration each event is one readable line on the
+stdlib logger ``safecallbacks`` (``handler_failed handler=Audit hook=...``,
+a traceback as real lines below it), prefixed with its level and logger name
+when logging is not configured either. With structlog configured, the
+application's processors apply, and ``handler_failed`` is written in the
+failing event's own context, so the caller's bound contextvars are on it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -22,12 +30,35 @@ from ._options import Options
 Clock = Callable[[], float]
 Line = tuple[str, str, dict[str, Any]]  # (level, event, fields)
 
+_STDLIB = logging.getLogger("safecallbacks")
+_MULTILINE = ("traceback", "exception")  # shown below the line, as real lines
+
+
+def _shown(value: Any) -> str:
+    text = str(value) if isinstance(value, (str, int, float, bool)) or value is None else None
+    if text is None or not text or any(c in text for c in " \t\n\"'="):
+        return repr(value)
+    return text
+
+
+def render_line(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """``event key=value ...`` with any traceback below it (the stdlib fallback's renderer).
+
+    Logging's last-resort handler prints the bare message, so where nothing is
+    configured the level and logger name are put in front of it.
+    """
+    event = event_dict.pop("event", "")
+    blocks = [str(event_dict.pop(key)).rstrip("\n") for key in _MULTILINE if key in event_dict]
+    fields = " ".join(f"{key}={_shown(value)}" for key, value in event_dict.items())
+    line = f"{event} {fields}".rstrip()
+    if not _STDLIB.hasHandlers():
+        line = f"{method.upper()} {_STDLIB.name}: {line}"
+    return "\n".join([line, *blocks])
+
+
 _stdlib_logger = structlog.wrap_logger(
-    logging.getLogger("safecallbacks"),
-    processors=[
-        structlog.processors.format_exc_info,
-        structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
-    ],
+    _STDLIB,
+    processors=[structlog.processors.format_exc_info, render_line],
     wrapper_class=structlog.stdlib.BoundLogger,
 )
 
@@ -52,7 +83,9 @@ def _handler_stack(exc: BaseException) -> str:
     """The failure's stack without our own delivery frames: where the handler went wrong."""
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)]
-    return "".join(traceback.format_list(own or frames))
+    return "Handler stack (most recent call last):\n" + "".join(
+        traceback.format_list(own or frames)
+    )
 
 
 def render_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -61,7 +94,13 @@ def render_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return text if len(text) <= 2000 else text[:2000] + "…"
 
 
+def _more(count: int) -> str:
+    return "once more" if count == 1 else f"{count:,} more times"
+
+
 def _seconds(value: float) -> str:
+    if value < 0.1:
+        return "under 0.1 s"
     return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
@@ -114,7 +153,7 @@ class FailureLog:
                 "error_type": key[1],
                 "count": count,
                 "seconds": round(now - started, 3),
-                "message": f"failed {count:,} times in the last {_seconds(now - started)}",
+                "message": f"failed {_more(count)} in {_seconds(now - started)}",
             }
             self.lines.append(("warning", "handler_failures_summary", fields))
 
@@ -137,6 +176,19 @@ class FailureLog:
         self.lines.append(("error", "handler_failed", fields))
 
 
-def write(lines: list[Line]) -> None:
+def write(lines: list[Line], context: contextvars.Context | None = None) -> None:
+    """Write ``lines``; a failure of one event is written in that event's ``context``.
+
+    So an application's structlog pipeline sees the caller's bound contextvars
+    (a request id) on ``handler_failed``, even when it is logged by a worker.
+    Summaries concern many callers and are written as they are.
+    """
     for level, event, fields in lines:
-        getattr(logger(), level)(event, **fields)
+        emit = getattr(logger(), level)
+        if context is not None and event == "handler_failed":
+            try:
+                context.run(emit, event, **fields)
+                continue
+            except RuntimeError:  # that context is entered elsewhere right now
+                pass
+        emit(event, **fields)

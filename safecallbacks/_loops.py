@@ -126,7 +126,7 @@ class LoopLane(Lane):
                     )
                 finally:
                     self.engine.observer.commit(batch)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.CancelledError):
             pass
         finally:
             self.discard_all("loop_closed")

@@ -9,6 +9,7 @@ logs and metrics live in their own modules; this one ties them together.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
 import threading
@@ -173,8 +174,12 @@ class Observer:
         run_id: object,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
+        context: contextvars.Context | None = None,
     ) -> str:
-        """Note a failure at once (breaker, first-failure log); returns its error type."""
+        """Note a failure at once (breaker, first-failure log); returns its error type.
+
+        ``context`` is the failing event's own (its first-failure line is logged in it).
+        """
 
         def payload() -> str:  # only rendered when the user opted in to payload logging
             return render_payload(args, kwargs or {})
@@ -183,7 +188,7 @@ class Observer:
             entered = self.breaker.failed()
             self._log.failure(hook, exc, run_id, payload)
             lines = self._log.take_lines()
-        write(lines)
+        write(lines, context)
         if entered:
             self.breaker_changed(entered)
         return error_type(exc)
@@ -198,6 +203,7 @@ class Observer:
         emitted_at: float,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
+        context: contextvars.Context | None = None,
     ) -> None:
         """Settle one delivery attempt at once (breaker, runs, first-failure log) into ``batch``."""
         if error is None:
@@ -206,7 +212,7 @@ class Observer:
             if hook in PAIRED_HOOKS:
                 self.track_run(hook, run_id)
         else:
-            error_name = self.failure(hook, error, run_id, args, kwargs)
+            error_name = self.failure(hook, error, run_id, args, kwargs, context)
         batch.add(hook, error_name, _now() - started, started - emitted_at)
 
     def outcome(self, ok: bool) -> None:

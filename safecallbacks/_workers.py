@@ -88,7 +88,7 @@ class ThreadLane(Lane):
                 except StopStream as stop:
                     stops.mark(hook, run_id, stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
-                    error_name = observer.failure(hook, exc, run_id, args, kwargs)
+                    error_name = observer.failure(hook, exc, run_id, args, kwargs, context)
                 self.busy_since = self.inflight = None  # settled: no longer pending
                 if hook in END_HOOKS:
                     stops.run_ended(run_id)

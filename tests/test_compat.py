@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 from uuid import uuid4
 
@@ -115,38 +114,6 @@ def test_count_value_reads_an_itertools_count_without_consuming() -> None:
     assert _compat.count_value(counter) == 5
     assert _compat.count_value(counter) == 5  # reading took nothing
     assert next(counter) == 5
-
-
-async def test_tasks_run_in_the_context_given_and_cancellation_is_visible() -> None:
-    import contextvars
-
-    seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="caller")
-    context = contextvars.copy_context()
-    context.run(seen.set, "handler")
-
-    async def read() -> str:
-        return seen.get()
-
-    task = _compat.task_in_context(asyncio.get_running_loop(), read(), context)
-    assert await task == "handler" and seen.get() == "caller"
-
-    blocker = asyncio.create_task(asyncio.sleep(30))
-    await asyncio.sleep(0)
-    blocker.cancel()
-    assert _compat.task_cancelling(blocker)
-    _compat.task_uncancel(blocker)
-    assert not _compat.task_cancelling(blocker)
-    blocker.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await blocker
-
-
-async def test_timeout_scope_is_asyncios_on_3_11() -> None:
-    assert _compat.timeout_scope is getattr(asyncio, "timeout", None)
-    if _compat.timeout_scope is not None:
-        with pytest.raises(TimeoutError):
-            async with _compat.timeout_scope(0.01):
-                await asyncio.sleep(5)
 
 
 def test_sdk_configured_tells_the_placeholder_provider_from_a_real_one() -> None:

@@ -334,3 +334,126 @@ def test_reading_stats_never_waits_for_a_stuck_handler() -> None:
 def _iter_logs(logs: list[dict[str, Any]]) -> Iterator[str]:
     for entry in logs:
         yield repr(entry)
+
+
+# --- readable logs ------------------------------------------------------------------------
+
+
+class _Audit(BaseCallbackHandler):
+    """Fails on every token, as a log sink that went away would."""
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        raise ValueError("sink is down")
+
+
+def test_without_structlog_config_a_failure_is_one_readable_stdlib_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import structlog
+
+    structlog.reset_defaults()  # as in an application that never configured it
+    assert not structlog.is_configured()
+    handler = harden(_Audit(), name="audit")
+    with caplog.at_level("WARNING", logger="safecallbacks"):
+        for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+            pass
+        assert handler.flush(5.0)
+    (failed,) = [r for r in caplog.records if r.getMessage().startswith("handler_failed ")]
+    assert (failed.name, failed.levelname) == ("safecallbacks", "ERROR")
+    first, *stack = failed.getMessage().splitlines()
+    assert first.startswith("handler_failed handler=audit hook=on_llm_new_token run_id=")
+    assert first.endswith(" error_type=ValueError")
+    assert stack[0] == "Handler stack (most recent call last):"
+    assert any('raise ValueError("sink is down")' in line for line in stack), stack
+    assert "\\n" not in failed.getMessage()  # real lines, not escapes
+    messages = [r.getMessage() for r in caplog.records]
+    summaries = [m for m in messages if m.startswith("handler_failures_summary ")]
+    assert len(summaries) == 1 and "message='failed 4 more times in under 0.1 s'" in summaries[0]
+
+
+def test_with_nothing_configured_the_line_names_its_level_and_logger(tmp_path: Any) -> None:
+    from tests._child import run_child
+
+    source = """
+    from langchain_core.callbacks import BaseCallbackHandler
+    from safecallbacks import flush, harden
+    from safecallbacks.testing import fake_chat_model
+
+    class Audit(BaseCallbackHandler):
+        def on_llm_new_token(self, token, **kwargs):
+            raise ValueError("sink is down")
+
+    handler = harden(Audit())
+    for _ in fake_chat_model(2).stream("hi", config={"callbacks": [handler]}):
+        pass
+    assert flush(handler, 5.0)
+    """
+    done = run_child(tmp_path, source)
+    lines = done.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if "handler_failed" in line]
+    assert len(starts) == 1, done.stderr
+    assert lines[starts[0]].startswith("ERROR safecallbacks: handler_failed handler=Audit ")
+    assert lines[starts[0] + 1] == "Handler stack (most recent call last):", done.stderr
+    assert any('raise ValueError("sink is down")' in line for line in lines), done.stderr
+
+
+@pytest.fixture
+def structlog_with_contextvars() -> Iterator[list[dict[str, Any]]]:
+    """structlog configured as an application would, merging bound contextvars."""
+    import structlog
+
+    seen: list[dict[str, Any]] = []
+
+    def keep(_logger: Any, _method: str, event_dict: dict[str, Any]) -> Any:
+        seen.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, keep])
+    try:
+        yield seen
+    finally:
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+
+
+@pytest.mark.parametrize("mode", ["offload", "inline"])
+@pytest.mark.parametrize("path", ["stream", "astream"])
+async def test_the_callers_bound_context_is_on_its_failure_line(
+    structlog_with_contextvars: list[dict[str, Any]], mode: str, path: str
+) -> None:
+    import asyncio
+
+    import structlog
+
+    from safecallbacks import aflush
+
+    class AsyncAudit(BaseCallbackHandler):
+        async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            raise ValueError("sink is down")
+
+    for make in (_Audit, AsyncAudit):
+        handler = harden(make(), mode=mode, name=f"{make.__name__}-{mode}-{path}")
+
+        def sync_request(handler: BaseCallbackHandler = handler) -> None:
+            structlog.contextvars.bind_contextvars(request_id="req-7")
+            for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+                pass
+
+        async def async_request(handler: BaseCallbackHandler = handler) -> None:
+            structlog.contextvars.bind_contextvars(request_id="req-7")
+            async for _ in fake_chat_model(3).astream("hi", config={"callbacks": [handler]}):
+                pass
+
+        if path == "stream":  # a request served on a thread of its own, as a sync server does
+            await asyncio.to_thread(sync_request)
+        else:
+            await asyncio.create_task(async_request())
+        assert structlog.contextvars.get_contextvars() == {}  # not bound in this test's task
+        assert await aflush(handler, 5.0)
+        failed = [
+            e
+            for e in structlog_with_contextvars
+            if e["event"] == "handler_failed" and e["handler"] == handler.stats().handler
+        ]
+        assert len(failed) == 1, structlog_with_contextvars
+        assert failed[0].get("request_id") == "req-7", failed[0]
