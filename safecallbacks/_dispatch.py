@@ -345,7 +345,7 @@ class Engine:
         return [placed for engine in self.family() for placed in engine.place_barriers()]
 
     def flush(self, timeout: float, what: str = "flush") -> bool:
-        _refuse_in_a_loop(what)
+        refuse_in_a_loop(what)
         deadline = _now() + timeout
         ok = True
         for lane, barrier in self._family_barriers():
@@ -448,7 +448,7 @@ _ASYNC_ALTERNATIVE = {
 }
 
 
-def _refuse_in_a_loop(what: str) -> None:
+def refuse_in_a_loop(what: str) -> None:
     """Blocking waits cannot work inside a running event loop: say so, name the way out.
 
     The loop they would block may be the one that must deliver (async handlers), and

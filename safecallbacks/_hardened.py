@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 
 from . import _compat
 from ._compat import fork_safe
-from ._dispatch import Engine, Unbound
+from ._dispatch import Engine, Unbound, refuse_in_a_loop
 from ._hooks import END_HOOKS, class_hooks, is_async_callable
 from ._inline import PLAIN_RESULTS
 from ._options import Options
@@ -98,6 +98,8 @@ class _Hardened:
         return engine_of(self).stats()
 
     def __enter__(self: _T) -> _T:
+        # Refused before the block runs: its exit would have to block the running loop.
+        refuse_in_a_loop("__exit__")
         return self
 
     def __exit__(

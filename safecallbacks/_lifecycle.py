@@ -20,10 +20,11 @@ from typing import Protocol
 
 from ._logs import logger
 from ._metrics import register_depth_source
-from ._observe import Observer
+from ._observe import Observer, write_waiting_logs
 from ._options import Options
 from ._queue import Barrier, Lane
 from ._stats import Stats
+from ._workers import keep_watching_while
 
 _now = time.monotonic
 
@@ -34,6 +35,7 @@ class Live(Protocol):
     name: str
     options: Options
     observer: Observer
+    closed: bool
 
     def place_barriers(self) -> list[tuple[Lane, Barrier]]: ...
 
@@ -82,6 +84,14 @@ def _depths() -> Iterable[tuple[str, int]]:
 register_depth_source(_depths)
 
 
+def _offloaded_sync_handler_alive() -> bool:
+    """Whether the pool's watchdog must stay: a live handler may hand it work."""
+    return any(engine.options.mode == "offload" and not engine.closed for engine in registry)
+
+
+keep_watching_while(_offloaded_sync_handler_alive)
+
+
 def drain_at_exit() -> None:
     """Give pending events a bounded time at interpreter exit, then count the rest dropped."""
     engines = list(registry)
@@ -99,6 +109,7 @@ def drain_at_exit() -> None:
         after = engine.stats().dropped
         if after > before:
             lost[engine.name] = lost.get(engine.name, 0) + after - before
+    write_waiting_logs()  # closed handlers' lines too: they are no longer registered
     if lost:
         # One line for the whole process, however many handlers were still busy.
         logger().warning("events_dropped_at_exit", handlers=lost, total=sum(lost.values()))

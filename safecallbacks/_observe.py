@@ -14,6 +14,7 @@ import itertools
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -28,6 +29,9 @@ from ._options import Options
 from ._stats import Estimator, HookStats, Stats
 
 _now = time.monotonic
+WAITING_TO_LOG: deque[Observer] = deque()
+"""Observers with log lines queued on an emitting thread (appends are atomic)."""
+
 DELIVERED, FAILED, DROPPED, SKIPPED = "delivered", "failed", "dropped", "skipped"
 # Columns of a per-hook row of outcome counts.
 _DELIVERED, _FAILED, _DROPPED, _SKIPPED = range(4)
@@ -134,6 +138,7 @@ class Observer:
             return
         self._announced.add(key)
         self._pending_logs.append((event, fields))
+        WAITING_TO_LOG.append(self)  # found by the watchdog or at exit, handler closed or not
 
     def has_pending_logs(self) -> bool:
         return bool(self._pending_logs)
@@ -409,3 +414,13 @@ class Observer:
         callbacks = self.on_breaker_change, self.on_success
         self.__init__(self.name, self.options, self.clock)  # type: ignore[misc]
         self.on_breaker_change, self.on_success = callbacks
+
+
+def write_waiting_logs() -> None:
+    """Write every line queued on an emitting thread (watchdog, exit; never the token path)."""
+    while WAITING_TO_LOG:
+        try:
+            observer = WAITING_TO_LOG.popleft()
+        except IndexError:
+            return
+        observer.emit_pending()

@@ -20,6 +20,7 @@ from typing import Any
 
 from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
+from ._observe import WAITING_TO_LOG, write_waiting_logs
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
 from ._stopping import StopStream
 
@@ -237,27 +238,23 @@ class Pool:
                 now = _now()
                 self._poll(now)
                 self._write_logs()
-                if self.lingering or self.ready or self.busy or self.threads:
+                if self.lingering or self.ready or self.busy or self.threads or _still_needed():
                     quiet_since = now
                 elif now - quiet_since >= self.idle_exit * WATCHDOG_OUTLIVES:
-                    # It outlives the workers, so a stream after a quiet spell has its
-                    # worker started here, not on the emitting thread.
+                    # It outlives the workers and every handler that may need one, so
+                    # a stream after a quiet spell has its worker started here, never
+                    # on the emitting thread.
                     self.watchdog = None
                     return
                 self.watch.wait(POLL_SECONDS if self.lingering or self.ready else WATCHDOG_SECONDS)
 
     def _write_logs(self) -> None:
-        """Write lines handlers queued (a drop, a stuck delivery), with the pool lock released."""
-        lanes = [*self.busy, *self.lingering, *self.ready]
-        waiting = [
-            lane.engine.observer for lane in lanes if lane.engine.observer.has_pending_logs()
-        ]
-        if not waiting:
+        """Write lines emitters queued (a drop, an event after close), pool lock released."""
+        if not WAITING_TO_LOG:
             return
         self.lock.release()
         try:
-            for observer in waiting:
-                observer.emit_pending()
+            write_waiting_logs()
         finally:
             self.lock.acquire()
 
@@ -311,6 +308,18 @@ def worker_threads() -> int:
     """Live worker threads of the pool (for tests and diagnostics)."""
     found = _POOL
     return 0 if found is None else len(found.threads)
+
+
+_KEEP_WATCHING: list[Callable[[], bool]] = []
+
+
+def keep_watching_while(predicate: Callable[[], bool]) -> None:
+    """Keep the watchdog (which starts workers) alive while ``predicate()`` is true."""
+    _KEEP_WATCHING.append(predicate)
+
+
+def _still_needed() -> bool:
+    return any(predicate() for predicate in _KEEP_WATCHING)
 
 
 def forget(lane: ThreadLane) -> None:

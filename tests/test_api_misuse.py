@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -30,18 +31,30 @@ async def test_sync_flush_inside_a_running_loop_names_aflush() -> None:
         assert stats.delivered == stats.emitted > 0 and stats.dropped == 0
 
 
-async def test_sync_with_in_async_code_is_refused_and_drops_nothing() -> None:
-    handler = harden(AsyncRecordingHandler())
+class _AwaitingRecorder(AsyncRecordingHandler):
+    """Awaits in every hook, as a handler with a network client does: a slow drain."""
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0.001)
+        await super().on_llm_new_token(token, **kwargs)
+
+
+async def test_sync_with_in_async_code_is_refused_before_the_block_and_drops_nothing() -> None:
+    handler = harden(_AwaitingRecorder())
+    ran = False
     with pytest.raises(RuntimeError, match="async with handler"):  # noqa: SIM117
         with handler:
-            async for _ in fake_chat_model(20).astream("hi", config={"callbacks": [handler]}):
-                pass
+            ran = True
+    assert not ran, "refused only after the block ran: its events would be cut off"
+    async for _ in fake_chat_model(20).astream("hi", config={"callbacks": [handler]}):
+        pass
     assert await safecallbacks.aflush(handler, 5.0)
     stats = safecallbacks.stats(handler)
     assert stats.dropped == 0 and stats.delivered == stats.emitted == len(handler.calls) == 41
-    async with harden(AsyncRecordingHandler()) as fine:
+    async with harden(_AwaitingRecorder()) as fine:
         async for _ in fake_chat_model(20).astream("hi", config={"callbacks": [fine]}):
             pass
+    assert safecallbacks.stats(fine).dropped == 0
     assert safecallbacks.stats(fine).delivered == len(fine.calls) == 41
 
 

@@ -1090,3 +1090,42 @@ def test_full_queues_keep_order_and_count_every_drop(
         assert stats.dropped + stats.skipped == events - got_total, stats
         assert stats.queue_high_water <= max_queue + 1, stats
         assert_accounted(stats)
+
+
+def test_queue_high_water_never_falls_when_a_stuck_handlers_queue_is_closed() -> None:
+    handler = harden(BlockingHandler(), mode="offload", max_queue=1_000)
+    try:
+        for _ in fake_chat_model(20).stream("hi", config={"callbacks": [handler]}):
+            pass
+        assert handler.entered.wait(5.0)
+        before = safecallbacks.stats(handler).queue_high_water
+        assert before >= 30  # the stuck handler let the queue fill up
+        assert safecallbacks.close(handler, timeout=0.05) is False  # still stuck
+        after = safecallbacks.stats(handler)
+        assert after.queue_high_water >= before, (before, after)
+        assert after.queue_depth == 0 and after.dropped >= before - 1
+    finally:
+        handler.release()
+
+
+def test_aclose_cutting_off_a_hung_async_delivery_is_a_drop_not_a_failure() -> None:
+    entered = threading.Event()
+
+    class Hangs(AsyncCallbackHandler):
+        async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            entered.set()
+            await asyncio.Event().wait()  # its sink never answers
+
+    handler = harden(Hangs(), mode="offload", timeout=60.0, exit_timeout=0.2)
+
+    async def request() -> bool:
+        async for _ in fake_chat_model(5).astream("hi", config={"callbacks": [handler]}):
+            pass
+        return await safecallbacks.aclose(handler, timeout=0.1)
+
+    assert asyncio.run(request()) is False  # the loop then shuts down, cancelling delivery
+    assert entered.is_set()
+    stats = safecallbacks.stats(handler)
+    assert stats.failed == 0 and dict(stats.errors) == {}, stats
+    assert stats.delivered == 0 and stats.dropped == stats.emitted == 9, stats
+    assert_accounted(stats)

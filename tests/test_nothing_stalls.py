@@ -34,6 +34,7 @@ from safecallbacks.testing import (
     make_tokens,
     retire_idle_workers,
     wait_until,
+    worker_threads,
 )
 from tests._support import (
     CHUNKS,
@@ -161,6 +162,40 @@ def test_the_first_event_after_idle_workers_left_starts_no_thread_on_the_emitter
     assert safecallbacks.flush(handler, 5.0)
     assert emitter not in started_by, started_by
     assert safecallbacks.stats(handler).delivered == 14
+
+
+def test_the_watchdog_outlives_a_quiet_spell_while_a_handler_may_need_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whoever starts workers must still be there after a long pause, or the first token
+    after it would start a thread (about 0.3 ms) on the emitting thread."""
+    from safecallbacks import _workers
+
+    handler = safecallbacks.harden(RecordingHandler(), mode="offload")
+    for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+        pass
+    assert safecallbacks.flush(handler, 5.0)
+    pool = _workers.pool()
+    monkeypatch.setattr(pool, "idle_exit", 0.01)  # the watchdog would leave after 0.12 s
+    with pool.lock:
+        pool.cond.notify_all()
+        pool.watch.notify_all()
+    assert wait_until(lambda: worker_threads() == 0, 10.0)
+    quiet_exit = pool.idle_exit * _workers.WATCHDOG_OUTLIVES
+    assert not wait_until(lambda: pool.watchdog is None, timeout=5 * quiet_exit)
+
+    started_by: list[str] = []
+    original_start = threading.Thread.start
+
+    def recording_start(self: threading.Thread) -> None:
+        started_by.append(threading.current_thread().name)
+        original_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
+        pass
+    assert safecallbacks.flush(handler, 5.0)
+    assert threading.current_thread().name not in started_by, started_by
 
 
 # --------------------------------------------------------------------------------------------

@@ -457,3 +457,42 @@ async def test_the_callers_bound_context_is_on_its_failure_line(
         ]
         assert len(failed) == 1, structlog_with_contextvars
         assert failed[0].get("request_id") == "req-7", failed[0]
+
+
+def test_events_after_close_are_logged_without_anyone_reading_stats() -> None:
+    closed = harden(_Audit(), mode="offload", name="closed-audit")
+    assert closed.flush(1.0)
+    closed.close()
+    busy = harden(BlockingHandler(hook="on_llm_end"), mode="offload")  # keeps workers busy
+    try:
+        with capture_logs() as logs:
+            for _ in fake_chat_model(3).stream("hi", config={"callbacks": [closed, busy]}):
+                pass
+            assert wait_until(
+                lambda: any(
+                    e["event"] == "events_dropped" and e.get("handler") == "closed-audit"
+                    for e in list(logs)
+                ),
+                10.0,
+            ), logs
+    finally:
+        busy.release()
+    dropped = [e for e in logs if e["event"] == "events_dropped"]
+    assert dropped[0]["reason"] == "closed"
+
+
+def test_events_after_close_are_logged_at_exit_at_the_latest(tmp_path: Any) -> None:
+    from tests._child import run_child
+
+    source = """
+    from safecallbacks import close, harden
+    from safecallbacks.testing import RecordingHandler, fake_chat_model
+
+    handler = harden(RecordingHandler(), mode="offload", name="late-audit")
+    close(handler)
+    for _ in fake_chat_model(2).stream("hi", config={"callbacks": [handler]}):
+        pass
+    """
+    done = run_child(tmp_path, source)
+    lines = [line for line in done.stderr.splitlines() if "events_dropped " in line]
+    assert len(lines) == 1 and "handler=late-audit" in lines[0] and "reason=closed" in lines[0]
