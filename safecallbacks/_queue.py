@@ -5,6 +5,11 @@ GIL) and, only when the lane was idle, asks its consumer to start. A full
 queue applies ``on_full`` here too, in memory: the drop is counted, never
 logged on the emitting thread. Flush barriers ride in the same queue but
 never take an event's place, and ``drop_oldest`` never pops one.
+
+``max_queue`` is exact for one emitting thread. ``put`` checks the length and
+then appends without a lock (a lock here would cost every token), so with N
+threads emitting into one handler at the same instant the queue can hold up
+to N - 1 events more than ``max_queue``; it never grows beyond that.
 """
 
 from __future__ import annotations
