@@ -1,4 +1,5 @@
-"""The three ways in (SafeHandler, harden, harden_config) on every LangChain call style."""
+"""The ways in (SafeHandler, harden, harden_config; install() in test_install.py) on every
+LangChain call style."""
 
 from __future__ import annotations
 
