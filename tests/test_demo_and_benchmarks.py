@@ -85,9 +85,33 @@ def test_demo_bare_dies_hardened_survives() -> None:
     assert stall.hardened.stats.delivered == stall.hardened.stats.emitted
 
     text = out.getvalue()
-    for heading in ("chunks received", "stream", "longest gap", "hardened stats()", "Summary"):
-        assert heading in text
+    # One table per scenario: its header row is printed once per scenario, nothing repeats it.
+    assert len(re.findall(r"^ +bare +hardened$", text, re.M)) == 3
+    for heading in ("chunks received", "stream ended", "longest gap", "total time"):
+        assert text.count(heading) == 3
+    assert "Summary" not in text
     assert "\r" not in text  # not a terminal: plain lines, no progress redraws
+    assert "circuit breaker" not in text  # 7 failures: the breaker (20) never opened
+    stats = results["raises"].hardened.stats
+    assert (stats.delivered, stats.failed, stats.skipped) == (1, 7, 0)
+    assert "8 emitted: 1 delivered, 7 failed, 0 dropped, 0 skipped, 0 pending" in text
+
+
+def test_demo_explains_the_open_breaker_with_its_real_numbers() -> None:
+    out = io.StringIO()
+    cfg = _demo.DemoConfig(tokens=30, interval=0.001)  # fails from token 7: 24 failures
+    (result,) = _demo.run_demo(cfg, out=out, only=["raises"])
+    stats = result.hardened.stats
+    # Delivery is in order: tokens 1-6 delivered, 7-26 fail, the breaker opens, 27-30 skipped.
+    assert (stats.delivered, stats.failed, stats.skipped, stats.pending) == (6, 20, 4, 0)
+    assert stats.breaker == "open"
+    text = out.getvalue()
+    assert (
+        "skipped 4: the circuit breaker opened after 20 consecutive failures and skips "
+        "the handler for 30 s" in text
+    )
+    assert "30 emitted: 6 delivered, 20 failed, 0 dropped, 4 skipped, 0 pending" in text
+    assert result.hardened.chunks == 30 and result.hardened.ended == "completed"
 
 
 def test_demo_cli() -> None:
@@ -95,10 +119,12 @@ def test_demo_cli() -> None:
         ["-m", "safecallbacks", "demo", "--tokens", "8", "--interval", "0.005", "--stall", "0.3"]
     )
     assert proc.returncode == 0, proc.stderr
-    for heading in ("bare", "hardened", "chunks received", "longest gap", "hardened stats()"):
+    for heading in ("bare", "hardened", "chunks received", "longest gap", "handler events"):
         assert heading in proc.stdout
     assert "died: ConnectionError" in proc.stdout
-    assert "8 of 8" in proc.stdout
+    assert "died: CancelledError" in proc.stdout
+    assert proc.stdout.count("8 of 8") == 4  # hardened thrice, and the bare stalling stream
+    assert "python -m safecallbacks check module:Factory" in proc.stdout
 
     helped = run(["-m", "safecallbacks", "demo", "--help"])
     assert helped.returncode == 0
