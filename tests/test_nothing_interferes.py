@@ -300,6 +300,15 @@ class SetsContextAsyncInline(SetsContextAsync):
     run_inline = True  # LangChain awaits these in the caller's task, one after another
 
 
+async def _ainvoke_each_in_a_fresh_context(*handlers: Any) -> None:
+    """One ``ainvoke`` of an identity chain per handler, each in a task with an empty context."""
+    chain = RunnableLambda(lambda x: x)
+    for handler in handlers:
+        await asyncio.create_task(
+            chain.ainvoke(1, config={"callbacks": [handler]}), context=contextvars.Context()
+        )
+
+
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [(SetsContextAsyncInline, "entered at chain start"), (SetsContextAsync, None)],
@@ -308,12 +317,8 @@ class SetsContextAsyncInline(SetsContextAsync):
 async def test_inline_async_hooks_are_awaited_as_langchain_awaits_the_bare_handler(
     kind: type[SetsContextAsync], expected: str | None
 ) -> None:
-    chain = RunnableLambda(lambda x: x)
     bare, hardened = kind(), harden(kind(), mode="inline")
-    for handler in (bare, hardened):
-        await asyncio.create_task(
-            chain.ainvoke(1, config={"callbacks": [handler]}), context=contextvars.Context()
-        )
+    await _ainvoke_each_in_a_fresh_context(bare, hardened)
     assert hardened.seen == bare.seen == [expected]
     assert safecallbacks.stats(hardened).delivered == 2
 
@@ -324,12 +329,8 @@ class SetsContextSync(SetsContext):
 
 async def test_inline_sync_hooks_on_the_async_path_keep_bare_context_semantics() -> None:
     # Bare, a sync handler runs in an executor with a copy of the context per event.
-    chain = RunnableLambda(lambda x: x)
     bare, hardened = SetsContextSync(), harden(SetsContextSync(), mode="inline")
-    for handler in (bare, hardened):
-        await asyncio.create_task(
-            chain.ainvoke(1, config={"callbacks": [handler]}), context=contextvars.Context()
-        )
+    await _ainvoke_each_in_a_fresh_context(bare, hardened)
     assert hardened.seen == bare.seen == [None]
 
 

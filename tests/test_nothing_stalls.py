@@ -139,6 +139,19 @@ def test_a_paced_async_stream_costs_one_consumer_task_not_one_per_token() -> Non
     assert len(consumers) <= 3, f"{len(consumers)} consumer tasks for 100 paced tokens"
 
 
+def _record_thread_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name of the thread that starts each new thread, in order."""
+    started_by: list[str] = []
+    original_start = threading.Thread.start
+
+    def recording_start(self: threading.Thread) -> None:
+        started_by.append(threading.current_thread().name)
+        original_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    return started_by
+
+
 def test_the_first_event_after_idle_workers_left_starts_no_thread_on_the_emitter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -148,14 +161,7 @@ def test_the_first_event_after_idle_workers_left_starts_no_thread_on_the_emitter
     assert safecallbacks.flush(handler, 5.0)
     assert retire_idle_workers(10.0)  # let the idle workers go now
 
-    started_by: list[str] = []
-    original_start = threading.Thread.start
-
-    def recording_start(self: threading.Thread) -> None:
-        started_by.append(threading.current_thread().name)
-        original_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    started_by = _record_thread_starts(monkeypatch)
     emitter = threading.current_thread().name
     for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
         pass
@@ -184,14 +190,7 @@ def test_the_watchdog_outlives_a_quiet_spell_while_a_handler_may_need_it(
     quiet_exit = pool.idle_exit * _workers.WATCHDOG_OUTLIVES
     assert not wait_until(lambda: pool.watchdog is None, timeout=5 * quiet_exit)
 
-    started_by: list[str] = []
-    original_start = threading.Thread.start
-
-    def recording_start(self: threading.Thread) -> None:
-        started_by.append(threading.current_thread().name)
-        original_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    started_by = _record_thread_starts(monkeypatch)
     for _ in fake_chat_model(3).stream("hi", config={"callbacks": [handler]}):
         pass
     assert safecallbacks.flush(handler, 5.0)

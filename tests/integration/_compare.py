@@ -6,9 +6,14 @@ else (names, parent links, inputs, outputs, attributes, events) must be equal.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
+from datetime import date, datetime
 from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 HEX_ID_RE = re.compile(r"\b[0-9a-f]{16,32}\b")
@@ -33,6 +38,30 @@ VOLATILE_KEYS = frozenset(
         "latency",
     }
 )
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data (dicts, lists, str...) so ``scrub`` can see every field."""
+    if isinstance(value, BaseModel):
+        return {"__type__": type(value).__name__, **plain(value.model_dump())}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__type__": type(value).__name__, **fields}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, BaseException):
+        return {"__error__": type(value).__name__, "args": plain(value.args)}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "value") and hasattr(value, "id"):  # langgraph Interrupt
+        return {"__type__": type(value).__name__, "value": plain(value.value), "id": value.id}
+    return repr(value)
 
 
 def scrub(value: Any, volatile: Iterable[str] = VOLATILE_KEYS) -> Any:

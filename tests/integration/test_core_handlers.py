@@ -9,10 +9,7 @@ twice, bare and hardened, with real runnables and ``GenericFakeChatModel``.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import re
-from collections.abc import Callable, Iterator, Mapping
-from datetime import date, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,77 +20,21 @@ from langchain_core.callbacks import (
     BaseCallbackManager,
     CallbackManager,
     CallbackManagerForChainRun,
-    CallbackManagerForLLMRun,
     StdOutCallbackHandler,
     StreamingStdOutCallbackHandler,
 )
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.tools import tool
-from pydantic import BaseModel
 
 import safecallbacks
-from tests.integration._compare import assert_same
+from tests.integration._compare import assert_same, plain
+from tests.integration._models import MetadataChatModel
 
 # --------------------------------------------------------------------------- helpers
-
-
-def plain(value: Any) -> Any:
-    """``value`` as plain data (dicts, lists, str...) so ``scrub`` can see every field."""
-    if isinstance(value, BaseModel):
-        return {"__type__": type(value).__name__, **plain(value.model_dump())}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return {"__type__": type(value).__name__, **fields}
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, BaseException):
-        return {"__error__": type(value).__name__, "args": plain(value.args)}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)
-
-
-class UsageChatModel(GenericFakeChatModel):
-    """GenericFakeChatModel whose streamed chunks carry the message's usage and model name.
-
-    The stock ``_stream`` drops ``usage_metadata``/``response_metadata``; real provider
-    models put them on the last chunk, which is what this does.
-    """
-
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
-        message = self._generate(messages, stop=stop, **kwargs).generations[0].message
-        assert isinstance(message, AIMessage)
-        assert isinstance(message.content, str)
-        tokens = re.split(r"(\s)", message.content)
-        for index, token in enumerate(tokens):
-            last = index == len(tokens) - 1
-            chunk = ChatGenerationChunk(
-                message=AIMessageChunk(
-                    content=token,
-                    usage_metadata=message.usage_metadata if last else None,
-                    response_metadata=dict(message.response_metadata) if last else {},
-                )
-            )
-            if run_manager:
-                run_manager.on_llm_new_token(token, chunk=chunk)
-            yield chunk
 
 
 class RunRecorder(BaseCallbackHandler):
@@ -148,21 +89,6 @@ class RunRecorder(BaseCallbackHandler):
             {"hook": kind, "run": path(run), "parent": path(parent), "data": data}
             for kind, run, parent, data in self.events
         ]
-
-
-@pytest.fixture
-def hardened() -> Iterator[Callable[[Any], Any]]:
-    """``harden`` that closes (stops) every handler it hardened when the test ends."""
-    made: list[Any] = []
-
-    def _harden(handler: Any) -> Any:
-        safe = safecallbacks.harden(handler)
-        made.append(safe)
-        return safe
-
-    yield _harden
-    for safe in made:
-        safecallbacks.close(safe, timeout=5.0)
 
 
 def tool_chain(model: GenericFakeChatModel) -> Runnable[Any, Any]:
@@ -280,9 +206,9 @@ needs_usage = pytest.mark.skipif(
 RUNS = 50
 
 
-def usage_model(runs: int = RUNS, model_name: str = "fake-usage-1") -> UsageChatModel:
+def usage_model(runs: int = RUNS, model_name: str = "fake-usage-1") -> MetadataChatModel:
     """A model whose i-th reply reports i-dependent token usage."""
-    return UsageChatModel(
+    return MetadataChatModel(
         messages=iter(
             [
                 AIMessage(

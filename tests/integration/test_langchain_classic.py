@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -20,13 +20,11 @@ from tests._imports import import_or_skip, require_langchain_core
 require_langchain_core("1.0", "langchain-classic 1.x")
 streaming_aiter = import_or_skip("langchain_classic.callbacks.streaming_aiter")
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun  # noqa: E402
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage  # noqa: E402
-from langchain_core.outputs import ChatGenerationChunk  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402
 
 import safecallbacks  # noqa: E402
 from tests.integration._compare import assert_same  # noqa: E402
+from tests.integration._models import AsyncStreamingChatModel  # noqa: E402
 
 AsyncIteratorCallbackHandler = streaming_aiter.AsyncIteratorCallbackHandler
 
@@ -34,26 +32,10 @@ RUNS = 15
 WORDS = 200
 
 
-class BurstChatModel(GenericFakeChatModel):
-    """GenericFakeChatModel with a native async stream, as provider models have.
-
-    Tokens go out as fast as the loop allows: ``on_llm_new_token`` is awaited on the
-    emitting loop before each chunk, with no pacing.
-    """
+class BurstChatModel(AsyncStreamingChatModel):
+    """A native async stream with no pacing; ``streaming=True`` makes ``agenerate`` stream."""
 
     streaming: bool = False
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        for chunk in self._stream(messages, stop=stop, run_manager=None, **kwargs):
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
 
 
 def burst_text(run: int) -> str:

@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from datetime import date, datetime
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 from uuid import UUID
 
@@ -29,24 +27,20 @@ if not hasattr(lg_callbacks, "GraphCallbackHandler"):
     pytest.skip("GraphCallbackHandler needs a newer langgraph", allow_module_level=True)
 
 from langchain_core.callbacks import (  # noqa: E402
-    AsyncCallbackManagerForLLMRun,
     BaseCallbackHandler,
     BaseCallbackManager,
-    CallbackManagerForLLMRun,
 )
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage  # noqa: E402
-from langchain_core.outputs import ChatGenerationChunk  # noqa: E402
+from langchain_core.messages import AIMessage, BaseMessage  # noqa: E402
 from langchain_core.runnables import RunnableConfig  # noqa: E402
 from langgraph.callbacks import GraphCallbackHandler  # noqa: E402
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 from langgraph.types import Command, interrupt  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
 from typing_extensions import TypedDict  # noqa: E402
 
 import safecallbacks  # noqa: E402
-from tests.integration._compare import assert_same  # noqa: E402
+from tests.integration._compare import assert_same, plain  # noqa: E402
+from tests.integration._models import MetadataChatModel  # noqa: E402
 
 try:
     from langgraph.errors import NodeTimeoutError
@@ -67,30 +61,6 @@ PLUMBING: list[type] = [
 ]
 
 # --------------------------------------------------------------------------- helpers
-
-
-def plain(value: Any) -> Any:
-    """``value`` as plain data (dicts, lists, str...) so ``scrub`` can see every field."""
-    if isinstance(value, BaseModel):
-        return {"__type__": type(value).__name__, **plain(value.model_dump())}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return {"__type__": type(value).__name__, **fields}
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, BaseException):
-        return {"__error__": type(value).__name__, "args": plain(value.args)}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "value") and hasattr(value, "id"):  # langgraph Interrupt
-        return {"__type__": type(value).__name__, "value": plain(value.value), "id": value.id}
-    return repr(value)
 
 
 ELAPSED_RE = re.compile(r"elapsed: \d+(\.\d+)?s")
@@ -233,21 +203,6 @@ async def adelivered(handler: Any, hardened: bool) -> None:
         assert await safecallbacks.aflush(handler, timeout=5.0), safecallbacks.stats(handler)
 
 
-@pytest.fixture
-def hardened() -> Iterator[Callable[[Any], Any]]:
-    """``harden`` that closes every handler it hardened when the test ends."""
-    made: list[Any] = []
-
-    def _harden(handler: Any) -> Any:
-        safe = safecallbacks.harden(handler)
-        made.append(safe)
-        return safe
-
-    yield _harden
-    for safe in made:
-        safecallbacks.close(safe, timeout=5.0)
-
-
 # ------------------------------------------------------------ interrupt and resume
 
 
@@ -347,49 +302,7 @@ async def test_interrupt_and_resume_events_async(hardened: Callable[[Any], Any],
     assert_same(bare, safe)
 
 
-# ---------------------------------------------------------------- models for nodes
-
-
-def _chunks(message: AIMessage) -> Iterator[tuple[str, ChatGenerationChunk]]:
-    assert isinstance(message.content, str)
-    for token in re.split(r"(\s)", message.content):
-        yield token, ChatGenerationChunk(message=AIMessageChunk(content=token))
-
-
-class PacedChatModel(GenericFakeChatModel):
-    """GenericFakeChatModel streaming one token every ``delay`` seconds (sync and async)."""
-
-    delay: float = 0.0
-
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
-        message = self._generate(messages, stop=stop, **kwargs).generations[0].message
-        assert isinstance(message, AIMessage)
-        for token, chunk in _chunks(message):
-            if run_manager:
-                run_manager.on_llm_new_token(token, chunk=chunk)
-            yield chunk
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        message = self._generate(messages, stop=stop, **kwargs).generations[0].message
-        assert isinstance(message, AIMessage)
-        for token, chunk in _chunks(message):
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if run_manager:
-                await run_manager.on_llm_new_token(token, chunk=chunk)
-            yield chunk
+# ------------------------------------------------------------- state of the nodes
 
 
 class TextState(TypedDict, total=False):
@@ -416,7 +329,7 @@ def idle_graph(use_harden_config: bool, stall: bool, seen: list[Any]) -> Any:
         seen.append(plumbing_seen(config))
         if stall:  # no callback event, no write: nothing refreshes the idle clock
             await asyncio.sleep(IDLE_TIMEOUT * 3)
-        model = PacedChatModel(messages=iter([AIMessage(content=words)]), delay=TOKEN_DELAY)
+        model = MetadataChatModel(messages=iter([AIMessage(content=words)]), delay=TOKEN_DELAY)
         text = ""
         async for chunk in model.astream(f"write about {state['topic']}", config):
             text += str(chunk.content)
@@ -474,8 +387,8 @@ def messages_graph(seen: list[Any], asynchronous: bool) -> Any:
     """Two nodes, each streaming-capable model call; sync nodes or async nodes."""
     replies = {"first": "one two three four", "second": "five six seven"}
 
-    def model_for(node: str) -> PacedChatModel:
-        return PacedChatModel(messages=iter([AIMessage(content=replies[node])]))
+    def model_for(node: str) -> MetadataChatModel:
+        return MetadataChatModel(messages=iter([AIMessage(content=replies[node])]))
 
     def sync_node(node: str) -> Callable[[TextState, RunnableConfig], TextState]:
         def run(state: TextState, config: RunnableConfig) -> TextState:

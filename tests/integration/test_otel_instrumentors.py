@@ -169,6 +169,15 @@ def bare_config(way: str) -> tuple[RunnableConfig | None, RunRecorder | None]:
     return None, None
 
 
+def phase_config(
+    phase: str, otel: Otel, way: str, install: Callable[..., None]
+) -> tuple[RunnableConfig | None, RunRecorder | None]:
+    """The config of the "bare" run (``bare_config``) or of the "hardened" one (``harden_run``)."""
+    if phase == "bare":
+        return bare_config(way)
+    return harden_run(otel, way, install)
+
+
 def recorded_events(recorder: RunRecorder | None, hardened: bool) -> Any:
     if recorder is None:
         return None
@@ -238,10 +247,7 @@ def test_error_spans_hardened_equal_bare(
     otel = make_otel(key)
     records: dict[str, Any] = {}
     for phase in ("bare", "hardened"):
-        if phase == "bare":
-            config, recorder = bare_config(way)
-        else:
-            config, recorder = harden_run(otel, way, installer)
+        config, recorder = phase_config(phase, otel, way, installer)
         probe = Probe()
         outcome = run_chain(build_chain(probe, fail=True), method, config)
         assert isinstance(outcome.error, LookupError), f"{phase}: {outcome.error!r}"
@@ -303,10 +309,7 @@ def test_span_duration_of_a_slow_step(
     durations: dict[str, float] = {}
     trees: dict[str, Any] = {}
     for phase in ("bare", "hardened"):
-        if phase == "bare":
-            config, _ = bare_config(way)
-        else:
-            config, _ = harden_run(otel, way, installer)
+        config, _ = phase_config(phase, otel, way, installer)
         probe = Probe()
         outcome = run_chain(build_chain(probe, sleep=SLEEP), method, config)
         assert outcome.error is None, f"{phase} run failed: {outcome.error!r}"
