@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
 import platform
+import queue
 import statistics
 import sys
 import threading
@@ -157,6 +159,87 @@ class Gated(BaseCallbackHandler):
         self.gate.wait()
 
 
+# --------------------------------------------------------------------------- do it yourself
+#
+# What people write instead of a library: hand the event to another thread from the hook.
+# Both wrap the same inner handler a hardened handler would wrap, so the "work" delivered
+# on the other thread is identical. Neither bounds its queue, isolates failures beyond
+# swallowing them, or keeps a hung handler from piling up events: they are here for their
+# cost per event, not as equivalents.
+
+
+def _nothing() -> None:
+    return None
+
+
+class ExecutorPerEvent(BaseCallbackHandler):
+    """``executor.submit`` per event on a one-thread pool (what many tracing SDKs do)."""
+
+    run_inline = True
+
+    def __init__(self, inner: BaseCallbackHandler) -> None:
+        self.inner = inner
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="diy-submit"
+        )
+
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
+        self.pool.submit(self.inner.on_llm_new_token, token, **kwargs)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """One worker, FIFO: once a marker submitted now has run, every earlier event has."""
+        try:
+            self.pool.submit(_nothing).result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class QueuePattern(BaseCallbackHandler):
+    """The stdlib logging QueueHandler/QueueListener pattern: put_nowait, one drain thread."""
+
+    run_inline = True
+
+    def __init__(self, inner: BaseCallbackHandler) -> None:
+        self.inner = inner
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.thread = threading.Thread(target=self._listen, name="diy-queue", daemon=True)
+        self.thread.start()
+
+    def on_llm_new_token(self, token: Token, **kwargs: Any) -> None:
+        self.q.put_nowait((token, kwargs))
+
+    def _listen(self) -> None:
+        work = self.inner.on_llm_new_token
+        get = self.q.get
+        while True:
+            item = get()
+            if type(item) is tuple:
+                token, kwargs = item
+                try:  # noqa: SIM105 - cheaper per event than contextlib.suppress
+                    work(token, **kwargs)
+                except Exception:  # what a listener does with a failing handler: go on
+                    pass
+            elif item is None:
+                return
+            else:  # a drain marker
+                item.set()
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        done = threading.Event()
+        self.q.put_nowait(done)
+        return done.wait(timeout)
+
+    def shutdown(self) -> None:
+        self.q.put_nowait(None)
+
+
+DIY = (ExecutorPerEvent, QueuePattern)
+
+
 def cpu_loops_for(seconds: float) -> int:
     """Calibrate ``burn_cpu`` so that one call takes about ``seconds``."""
     loops = 10_000
@@ -181,10 +264,13 @@ class Settled:
     flush_ms: float | None = None
     close_ms: float | None = None
     after: str | None = None
+    cpu_done_ns: int | None = None  # time.process_time_ns() once flushed (or drained)
 
     def summary(self) -> str:
         if self.stats is None:
-            return "-"
+            if self.flushed is None:
+                return "-"
+            return "drained" if self.flushed else "drain timed out"
         s = self.stats
         parts = [f"del {s.delivered}"]
         for label, value in (
@@ -208,11 +294,22 @@ def settle(hardened: Any, timeout: float = 10.0, close: bool = True) -> Settled:
         return Settled()
     t0 = time.perf_counter()
     ok = bool(hardened.flush(timeout=timeout))
+    cpu_done = time.process_time_ns()
     took = (time.perf_counter() - t0) * 1e3
     stats = hardened.stats()
     if close:
         hardened.close(timeout=0.5)
-    return Settled(flushed=ok, stats=stats, flush_ms=took)
+    return Settled(flushed=ok, stats=stats, flush_ms=took, cpu_done_ns=cpu_done)
+
+
+def settle_diy(handler: Any, timeout: float = 10.0) -> Settled:
+    """``settle`` for a do-it-yourself wrapper: wait until its thread has drained, stop it."""
+    t0 = time.perf_counter()
+    ok = handler.drain(timeout)
+    cpu_done = time.process_time_ns()
+    took = (time.perf_counter() - t0) * 1e3
+    handler.shutdown()
+    return Settled(flushed=ok, flush_ms=took, cpu_done_ns=cpu_done)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -243,6 +340,13 @@ class StreamRun:
     chunks: int
     error: str | None = None
     settled: Settled = field(default_factory=Settled)
+    cpu_start_ns: int = 0  # time.process_time_ns() when the stream was started
+    cpu_ns: int | None = None  # process CPU (all threads) until the end of delivery
+
+    def cpu_us_per_chunk(self) -> float:
+        if self.cpu_ns is None or not self.chunks:
+            return math.nan
+        return self.cpu_ns / self.chunks / 1e3
 
     def gap_ms(self, q: float) -> float:
         return percentile(self.gaps_ns, q) / 1e6 if self.gaps_ns else math.nan
