@@ -8,6 +8,7 @@ a few run the real command in a child interpreter.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -217,6 +218,9 @@ def test_every_stream_gets_a_fresh_handler(handlers: Any) -> None:
     ],
 )
 def test_langchain_core_handlers_pass_and_run_inline(target: str) -> None:
+    module, _, name = target.partition(":")
+    if not hasattr(importlib.import_module(module), name):
+        pytest.skip(f"{name} is not in this langchain-core")
     code, report = check(target)
     assert code == 0
     assert report["auto_mode"] == "inline"
