@@ -58,6 +58,7 @@ class LoopLane(Lane):
 
     def _start(self) -> None:
         assert self.loop is not None
+        # Held here: the loop keeps only a weak reference to its tasks.
         self._task = self.loop.create_task(self._consume())
 
     def _unschedule(self) -> bool:

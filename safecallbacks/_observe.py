@@ -140,9 +140,6 @@ class Observer:
         self._pending_logs.append((event, fields))
         WAITING_TO_LOG.append(self)  # found by the watchdog or at exit, handler closed or not
 
-    def has_pending_logs(self) -> bool:
-        return bool(self._pending_logs)
-
     def emit_pending(self) -> None:
         """Write the log lines ``announce_once`` queued (never on the token path)."""
         pending = self._pending_logs
