@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -46,6 +47,7 @@ class Config:
 
 SUBMIT = "`executor.submit` per event"
 QUEUE = "QueueHandler pattern"
+FLOOR = "floor: deque + polling thread, call in the event's context, nothing else"
 
 CONFIGS = [
     Config("none", "no handler", None),
@@ -62,6 +64,7 @@ CONFIGS = [
     Config("h_fail", "hardened always-raising handler", c.Failing, hardened=True),
     Config("diy_submit", f"DIY: {SUBMIT}, no-op", c.NoOp, diy=c.ExecutorPerEvent),
     Config("diy_queue", f"DIY: {QUEUE}, no-op", c.NoOp, diy=c.QueuePattern),
+    Config("floor", FLOOR, c.NoOp, diy=c.MinimalOffload),
     # the recording side alone, with delivery held back while timing
     Config(
         "h_held",
@@ -112,6 +115,7 @@ RECORDING_ONLY = {"h_held", "diy_submit_held", "diy_queue_held"}
 TARGET = {"sync": 2.0, "async": 1.4}
 # (do-it-yourself row, the hardened row doing the same work): who is cheaper per event.
 VERSUS = [
+    ("floor", "h_sync"),
     ("sync", "h_sync"),  # async manager only: LangChain's own executor hop
     ("diy_submit", "h_sync"),
     ("diy_queue", "h_sync"),
@@ -184,7 +188,10 @@ def hold(cfg: Config, handler: Any, closed: bool) -> None:
             handler.gate.set()
 
 
-def bench_sync(lib: ModuleType | None, cfg: Config, events: int, repeats: int) -> Result:
+def bench_sync(
+    lib: ModuleType | None, cfg: Config, events: int, repeats: int
+) -> Iterator[Result | None]:
+    """Yields None before each timed repeat (so configurations can take turns), then the result."""
     callbacks, waiter, handler = build(lib, cfg)
     manager = CallbackManager.configure(inheritable_callbacks=callbacks)
     run = manager.on_chat_model_start(SERIALIZED, MESSAGES)[0]
@@ -197,6 +204,7 @@ def bench_sync(lib: ModuleType | None, cfg: Config, events: int, repeats: int) -
     total: list[float] = []
     cpu: list[float] = []
     for _ in range(repeats):
+        yield None
         gc.collect()  # same GC state before every timed repeat
         hold(cfg, handler, closed=True)
         c0 = time.process_time_ns()
@@ -216,10 +224,13 @@ def bench_sync(lib: ModuleType | None, cfg: Config, events: int, repeats: int) -
         settled = c.settle_diy(waiter, timeout=30.0)
     else:
         settled = c.settle(waiter, timeout=30.0)
-    return Result(loop, total, cpu, events, settled)
+    yield Result(loop, total, cpu, events, settled)
 
 
-async def bench_async(lib: ModuleType | None, cfg: Config, events: int, repeats: int) -> Result:
+async def bench_async(
+    lib: ModuleType | None, cfg: Config, events: int, repeats: int
+) -> AsyncIterator[Result | None]:
+    """``bench_sync`` through the async manager."""
     callbacks, waiter, handler = build(lib, cfg)
     manager = AsyncCallbackManager.configure(inheritable_callbacks=callbacks)
     run = (await manager.on_chat_model_start(SERIALIZED, MESSAGES))[0]
@@ -239,6 +250,7 @@ async def bench_async(lib: ModuleType | None, cfg: Config, events: int, repeats:
     total: list[float] = []
     cpu: list[float] = []
     for _ in range(repeats):
+        yield None
         gc.collect()  # same GC state before every timed repeat
         hold(cfg, handler, closed=True)
         c0 = time.process_time_ns()
@@ -261,7 +273,42 @@ async def bench_async(lib: ModuleType | None, cfg: Config, events: int, repeats:
         await waiter.aclose(timeout=0.5)
     elif cfg.diy is not None:
         settled = c.settle_diy(waiter, timeout=30.0)
-    return Result(loop, total, cpu, events, settled)
+    yield Result(loop, total, cpu, events, settled)
+
+
+def take_turns(runs: dict[str, Iterator[Result | None]]) -> dict[str, Result]:
+    """Run one timed repeat of every configuration in turn, the order reversed every round,
+    so that a machine getting faster or slower shifts every row alike, not the later ones."""
+    results: dict[str, Result] = {}
+    order = list(runs)
+    for round_number in itertools.count():
+        if len(results) == len(runs):
+            return results
+        for key in order if round_number % 2 == 0 else order[::-1]:
+            if key in results:
+                continue
+            print(f"hot_path: {key} round {round_number}", file=sys.stderr, flush=True)
+            step = next(runs[key])
+            if step is not None:
+                results[key] = step
+    return results
+
+
+async def atake_turns(runs: dict[str, AsyncIterator[Result | None]]) -> dict[str, Result]:
+    """``take_turns`` for the async benchmarks."""
+    results: dict[str, Result] = {}
+    order = list(runs)
+    for round_number in itertools.count():
+        if len(results) == len(runs):
+            return results
+        for key in order if round_number % 2 == 0 else order[::-1]:
+            if key in results:
+                continue
+            print(f"hot_path: {key} async round {round_number}", file=sys.stderr, flush=True)
+            step = await anext(runs[key])
+            if step is not None:
+                results[key] = step
+    return results
 
 
 def report(results: dict[tuple[str, str], Result]) -> str:
@@ -310,6 +357,7 @@ def report(results: dict[tuple[str, str], Result]) -> str:
             if cfg.hardened and cfg.key not in DIAGNOSTIC and cfg.key not in RECORDING_ONLY:
                 r_wall = c.ratio(res.total, inline.total)
                 r_cpu = c.ratio(res.cpu, inline.cpu)
+                floor = results.get((mode, "floor"))
                 goal_rows.append(
                     [
                         manager,
@@ -317,6 +365,7 @@ def report(results: dict[tuple[str, str], Result]) -> str:
                         c.fmt_ratio(c.ratio(res.loop, inline.loop)),
                         c.fmt_ratio(r_wall),
                         c.fmt_ratio(r_cpu),
+                        c.fmt_ratio(c.ratio(floor.total, inline.total)) if floor else "-",
                         f"<= {TARGET[mode]:.1f}x",
                         both_verdict(r_wall, r_cpu, TARGET[mode]),
                     ]
@@ -360,11 +409,12 @@ def report(results: dict[tuple[str, str], Result]) -> str:
                     "emitting loop ratio",
                     "incl. delivery ratio",
                     "CPU ratio",
+                    "floor: deque + polling thread, incl. delivery",
                     "target",
                     "goal (wall and CPU)",
                 ],
                 goal_rows,
-                right=(2, 3, 4),
+                right=(2, 3, 4, 5),
             )
         )
         out.append("")
@@ -418,22 +468,25 @@ def main(argv: list[str] | None = None) -> int:
     todo = [cfg for cfg in CONFIGS if lib is not None or not cfg.hardened]
     t0 = time.perf_counter()
     results: dict[tuple[str, str], Result] = {}
-    for cfg in todo:
-        n = max(200, events // 10) if cfg.slow else events
-        print(f"hot_path: {cfg.key} sync", file=sys.stderr, flush=True)
-        results[("sync", cfg.key)] = bench_sync(lib, cfg, n, repeats)
+
+    def size(cfg: Config) -> int:
+        return max(200, events // 10) if cfg.slow else events
+
+    sync_runs = {cfg.key: bench_sync(lib, cfg, size(cfg), repeats) for cfg in todo}
+    for key, result in take_turns(sync_runs).items():
+        results[("sync", key)] = result
 
     async def all_async() -> None:
-        for cfg in todo:
-            n = max(200, events // 10) if cfg.slow else events
-            print(f"hot_path: {cfg.key} async", file=sys.stderr, flush=True)
-            results[("async", cfg.key)] = await bench_async(lib, cfg, n, repeats)
+        runs = {cfg.key: bench_async(lib, cfg, size(cfg), repeats) for cfg in todo}
+        for key, result in (await atake_turns(runs)).items():
+            results[("async", key)] = result
 
     asyncio.run(all_async())
     text = report(results)
     print("### Hot path: cost of one token event to the emitting code\n")
     print(
-        f"_{c.environment_line()}; median over {repeats} repeats of the mean per event;"
+        f"_{c.environment_line()}; median over {repeats} repeats of the mean per event, the"
+        " configurations taking turns repeat by repeat (order reversed every round);"
         " each repeat is timed from the first event until the handler's queue is empty"
         " (hardened: `flush()`, DIY: a marker through its queue), CPU = process CPU time of"
         " all threads over that span._\n"

@@ -36,6 +36,7 @@ class Config:
     hardened: bool = False
     diy: type | None = None  # do-it-yourself wrapper around each handler (c.DIY)
     backlog: bool = False  # cannot keep up by construction: shorter flush wait
+    floor: str = "bare_inline"  # the row with LangChain's own dispatch of as many handlers
 
 
 def _sleeper() -> BaseCallbackHandler:
@@ -48,6 +49,12 @@ def _async_sleeper() -> BaseCallbackHandler:
 
 CONFIGS = [
     Config("none", "no handler"),
+    Config("bare_inline", "floor: bare no-op, `run_inline=True`", [c.NoOpInline]),
+    Config(
+        "bare_inline3",
+        "floor: three bare no-ops, `run_inline=True`",
+        [c.NoOpInline, c.NoOpInline, c.NoOpInline],
+    ),
     Config("bare_async", "bare async no-op", [c.AsyncNoOp]),
     Config("bare_sync", "LangChain default executor hop: bare sync no-op", [c.NoOp]),
     Config("diy_submit", "DIY: executor.submit per event, no-op", [c.NoOp], diy=c.ExecutorPerEvent),
@@ -60,6 +67,7 @@ CONFIGS = [
         "hardened: no-op + raising + async no-op",
         [c.NoOp, c.Failing, c.AsyncNoOp],
         hardened=True,
+        floor="bare_inline3",
     ),
     Config(
         "h_slow",
@@ -233,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             r_g = c.ratio(g, base_p99)
             dropped = max(sum(s.stats.dropped for s in r.settled if s.stats) for r in rs)
             ok = c.shown(r_t) >= 0.9 and (cfg.backlog or dropped == 0)
+            floor_tps = c.median(tps(r) for r in runs[cfg.floor]) if cfg.floor in runs else 0
             goal_rows.append(
                 [
                     cfg.label,
                     c.fmt_ratio(r_t),
+                    c.fmt_ratio(c.ratio(floor_tps, base_tps)) if floor_tps else "-",
+                    c.fmt_ratio(c.ratio(t, floor_tps)) if floor_tps else "-",
                     c.fmt_ratio(r_g),
                     c.fmt_ratio(c.ratio(cpu, base_cpu)),
                     f"{dropped:,}" + (" (overloaded on purpose)" if cfg.backlog else ""),
@@ -305,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     "handlers",
                     "tokens/s vs none",
+                    "floor (LangChain dispatching as many bare run_inline no-ops) vs none",
+                    "tokens/s vs floor",
                     "p99 gap vs none",
                     "CPU/token vs none",
                     "dropped",
                     "goal",
                 ],
                 goal_rows,
-                right=(1, 2, 3, 4),
+                right=(1, 2, 3, 4, 5, 6),
             )
         )
     if versus_rows:

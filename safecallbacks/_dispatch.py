@@ -17,21 +17,23 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from ._compat import count_value, get_running_loop
-from ._hooks import END_HOOKS, START_HOOKS, is_async_callable
+from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS, is_async_callable
 from ._inline import InlineCalls
 from ._isolation import (
     Contained,
     Resolver,
+    Suspended,
     acall_hook,
     call_hook,
     contained,
-    drive_bounded,
+    drive_rest,
+    first_step,
 )
 from ._lifecycle import registry
 from ._loops import LoopLane, background_loop
@@ -115,6 +117,7 @@ class Engine:
         if parent is not None:
             self.root.members.add(self)
         self.fast_lane: Lane | None = None
+        self.fast_loop_lanes: dict[asyncio.AbstractEventLoop | None, LoopLane] | None = None
         self.inline_ready = False
         self.bare_run_inline = False  # set by the hardened surface from the handler's class
         self.failing = False  # some failure since the last success: a success resets the breaker
@@ -139,6 +142,9 @@ class Engine:
         offload = self.options.mode == "offload"
         fast = offload and not self.has_async and not self.closed and not self.stop_marks
         self.fast_lane = self._thread_lane if fast else None
+        # Async handlers: recorders append to the emitting loop's lane once it exists.
+        fast_loops = offload and self.async_only and not self.closed and not self.stop_marks
+        self.fast_loop_lanes = self._loop_lanes if fast_loops else None
         self.inline_ready = self.options.mode == "inline" and open_
 
     # --- copies --------------------------------------------------------------
@@ -284,6 +290,18 @@ class Engine:
             return chat_model_start
         return self.resolve(hook)
 
+    def async_call(self, hook: str) -> Callable[..., Any]:
+        """The callable a loop consumer calls for ``hook`` (resolved once per drain)."""
+        if hook == "on_chat_model_start":
+            # Through acall_hook for LangChain's on_llm_start fallback.
+            resolve, target = self.resolve, self.target
+
+            def chat_model_start(*args: Any, **kwargs: Any) -> Any:
+                return acall_hook(resolve, target, hook, args, kwargs)
+
+            return chat_model_start
+        return self.resolve(hook)
+
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         """Run an async hook from a thread: the emitting loop if alive, else the background one."""
         if loop is None or loop.is_closed() or not loop.is_running():
@@ -298,35 +316,82 @@ class Engine:
             raise carrier.original from None
 
     async def deliver_async(self, lane: Lane, item: Item, batch: Batch) -> None:
-        """Deliver one event to an async handler on this loop, as a task in its context."""
-        hook, args, kwargs, context, emitted_at, _ = item
+        """Deliver one event to an async handler on this loop, inside the calling task."""
+        rest = self.deliver_now(lane, item, batch, {})
+        if rest is not None:
+            await rest
+
+    def deliver_now(
+        self, lane: Lane, item: Item, batch: Batch, calls: dict[str, Callable[..., Any]]
+    ) -> Awaitable[None] | None:
+        """Start delivering one event to an async handler, in the event's context.
+
+        Most handler coroutines finish in their first step, which runs here,
+        synchronously: then the event is settled and None returned. Otherwise
+        what is returned must be awaited (in the consumer task) to finish it.
+        """
+        hook, args, kwargs, context, _, _ = item
         run_id = kwargs.get("run_id")
         if hook in START_HOOKS:
             self.stops.remember_parent(run_id, kwargs)
-        if not self.observer.admit(hook, run_id):
-            return
+        if self.breaker.state != "closed" and not self.observer.admit(hook, run_id):
+            return None
+        call = calls.get(hook)
+        if call is None:
+            call = calls[hook] = self.async_call(hook)
         started = _now()
         lane.busy_since, lane.inflight = started, hook
+        step = first_step(call, args, kwargs, context)
+        return self.finish_async(lane, item, batch, step, started)
+
+    def finish_async(
+        self,
+        lane: Lane,
+        item: Item,
+        batch: Batch,
+        step: BaseException | Suspended | None,
+        started: float,
+    ) -> Awaitable[None] | None:
+        """Settle a delivery after its first step, or return what must be awaited to."""
+        if isinstance(step, Suspended):
+            return self._deliver_rest(lane, item, batch, step, started)
+        self._settle_async(lane, item, batch, step, started)
+        return None
+
+    async def _deliver_rest(
+        self, lane: Lane, item: Item, batch: Batch, suspended: Suspended, started: float
+    ) -> None:
         try:
-            error = await drive_bounded(
-                acall_hook(self.resolve, self.target, hook, args, kwargs),
-                context,
-                self.options.timeout,
-            )
+            error = await drive_rest(suspended, item[3], self.options.timeout)
         except asyncio.CancelledError:
             # The consumer itself is being cancelled (its loop is shutting down, or the
             # exit budget ran out): the handler did not fail, the event was cut off.
             lane.busy_since, lane.inflight = None, None
-            self.observer.dropped(hook, reason="shutdown")
+            self.observer.dropped(item[0], reason="shutdown")
             raise
         # GeneratorExit here is never the handler's: the loop was closed with this
         # consumer pending and it is being thrown away; reap_if_dead() accounts for it.
+        self._settle_async(lane, item, batch, error, started)
+
+    def _settle_async(
+        self, lane: Lane, item: Item, batch: Batch, error: BaseException | None, started: float
+    ) -> None:
         lane.busy_since, lane.inflight = None, None
+        hook, args, kwargs, context, emitted_at, _ = item
+        run_id = kwargs.get("run_id")
         if isinstance(error, StopStream):
             self.stops.mark(hook, run_id, error)
             error = None
         if hook in END_HOOKS:
             self.stops.run_ended(run_id)
+        if error is None and not self.failing and not self.breaker.consecutive:
+            # The common case, without a call per event: nothing to reset.
+            if hook in PAIRED_HOOKS:
+                self.observer.track_run(hook, run_id)
+            batch.durations.append(_now() - started)
+            batch.lags.append(started - emitted_at)
+            batch.hooks.append(hook)
+            return
         self.observer.add_result(
             batch, hook, run_id, error, started, emitted_at, args, kwargs, context
         )
@@ -414,9 +479,9 @@ class Engine:
         for hook, counter in self.inline_counts.items():
             count = count_value(counter)
             if count:
-                inline.counts[(hook, None)] = count
+                inline.settled[hook] = count
         return self.observer.snapshot(
-            sum(inline.counts.values()),
+            sum(inline.settled.values()),
             self.options.mode,
             queued,
             depth,

@@ -34,6 +34,7 @@ from ._stats import Stats
 ENGINE_LOCK = fork_safe(threading.RLock())
 """Held while a handler's engine is bound or replaced (rare: once per handler)."""
 _getframe = sys._getframe
+_get_running_loop = _compat.get_running_loop
 _ASYNC_MANAGER_CODE = _compat.ASYNC_MANAGER_CODE
 _PLAIN_RESULTS = PLAIN_RESULTS
 _T = TypeVar("_T", bound="_Hardened")
@@ -231,9 +232,14 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
         except AttributeError:
             engine = _bind(self)
         lane = engine.fast_lane
+        loop = None
+        if lane is None and engine.fast_loop_lanes is not None:
+            # An async handler, offloaded: the lane of the emitting loop, if it has one.
+            loop = _get_running_loop()
+            lane = engine.fast_loop_lanes.get(loop)
         if lane is not None:
             next(lane.emitted)
-            item = (hook, args, kwargs, copy_context(), monotonic(), None)
+            item = (hook, args, kwargs, copy_context(), monotonic(), loop)
             if len(lane.queue) >= lane.max_queue:
                 lane.overflow(item)
             else:

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import inspect
 from collections.abc import Callable, Mapping
+from types import CoroutineType
 from typing import Any
 
 from ._hooks import ignore_flag_for
@@ -280,23 +281,60 @@ class _Drive:
         raise _Timeout
 
 
-async def drive_bounded(
-    coro: Any, context: contextvars.Context, timeout: float
-) -> BaseException | None:
-    """Run a handler coroutine within the current task; return what it raised, if anything.
+class Suspended:
+    """A handler coroutine that did not finish in its first step: what is left to drive."""
 
-    Its first step runs at once (most handlers finish without suspending);
-    the rest is stepped by ``_Drive``. Past ``timeout`` the handler is closed
-    and a ``TimeoutError`` returned. Cancelling the current task still
-    cancels it: that cancellation is passed into the handler, then re-raised.
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro, self.first = coro, first
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def first_step(
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    context: contextvars.Context,
+) -> BaseException | Suspended | None:
+    """Call an async hook in ``context`` and run it up to its first suspension, no task needed.
+
+    Returns None when it finished, what it raised, or a ``Suspended`` for
+    ``drive_rest`` to carry on with. Most handlers finish in their first step,
+    and then delivering them costs no task, no future and no loop iteration.
     """
     try:
-        first = context.run(coro.send, None)
+        result = context.run(call, *args, **kwargs)
+    except BaseException as exc:
+        return exc
+    if result is None:
+        return None
+    if result.__class__ is not CoroutineType:
+        if not inspect.isawaitable(result):
+            return None
+        result = _awaited(result)
+    try:
+        first = context.run(result.send, None)
     except StopIteration:
         return None
     except BaseException as exc:
         return exc
-    drive = _Drive(coro, first, context)
+    return Suspended(result, first)
+
+
+async def drive_rest(
+    suspended: Suspended, context: contextvars.Context, timeout: float
+) -> BaseException | None:
+    """Step a suspended handler coroutine to its end within the current task.
+
+    Past ``timeout`` the handler is closed and a ``TimeoutError`` returned.
+    Cancelling the current task still cancels it: that cancellation is passed
+    into the handler, then re-raised.
+    """
+    drive = _Drive(suspended.coro, suspended.first, context)
     task = asyncio.current_task()
     assert task is not None
 

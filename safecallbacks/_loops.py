@@ -16,12 +16,19 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ._compat import fork_safe, get_running_loop
+from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
+from ._isolation import first_step
 from ._observe import Batch
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
 
 _now = time.monotonic
+RUN_HOOKS = START_HOOKS | END_HOOKS | PAIRED_HOOKS  # hooks with run bookkeeping to do
+COMMIT_EVERY = 256  # deliveries per committed batch on a loop lane
+YIELD_EVERY = 512  # deliveries without a suspension after which the consumer yields
 
 
 class LoopLane(Lane):
@@ -90,24 +97,66 @@ class LoopLane(Lane):
             await asyncio.sleep(POLL_SECONDS)
 
     async def _drain(self) -> None:
+        """Deliver what is queued; the common case (a hook that finishes in its first
+        step, nothing for the breaker or the run bookkeeping to do) stays in this loop."""
         queue = self.queue
-        observer = self.engine.observer
+        engine = self.engine
+        observer = engine.observer
+        breaker = observer.breaker
         batch = self.batch
+        durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+        calls: dict[str, Callable[..., Any]] = {}  # resolved once per drain
+        plain: dict[str, bool] = {}  # hooks with no run bookkeeping (stops, paired runs)
+        in_a_row = 0  # deliveries since this consumer last let the loop run
+        self.note_depth()
         try:
             while True:
-                self.note_depth()
                 try:
                     entry = queue.popleft()
                 except IndexError:
                     return
-                self._popped()
+                if self._space_waiters:
+                    self._popped()
                 if isinstance(entry, Barrier):
+                    self.note_depth()
                     batch = observer.commit(batch, self)
+                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
                     self.took_barrier(entry)
                     continue
-                await self.engine.deliver_async(self, entry, batch)
-                if len(batch) >= 64:
+                hook, args, kwargs, context, emitted_at, _ = entry
+                is_plain = plain.get(hook)
+                if is_plain is None:
+                    is_plain = plain[hook] = hook not in RUN_HOOKS
+                    calls[hook] = engine.async_call(hook)
+                if is_plain and not breaker.consecutive and not engine.failing:
+                    started = _now()
+                    self.busy_since, self.inflight = started, hook
+                    step = first_step(calls[hook], args, kwargs, context)
+                    if step is None:
+                        self.busy_since = self.inflight = None
+                        durations.append(_now() - started)
+                        lags.append(started - emitted_at)
+                        hooks.append(hook)
+                    else:
+                        rest = engine.finish_async(self, entry, batch, step, started)
+                        if rest is not None:
+                            await rest
+                            in_a_row = 0
+                else:
+                    rest = engine.deliver_now(self, entry, batch, calls)
+                    if rest is not None:
+                        await rest
+                        in_a_row = 0
+                if len(hooks) >= COMMIT_EVERY:
+                    self.note_depth()
                     batch = observer.commit(batch, self)
+                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+                    in_a_row += COMMIT_EVERY
+                    if in_a_row >= YIELD_EVERY:
+                        # Handlers that never suspend would otherwise hold this loop for
+                        # a whole backlog: let the streams it serves move on meanwhile.
+                        in_a_row = 0
+                        await asyncio.sleep(0)
         finally:
             if batch is self.batch:  # else a reaping of this lane committed it already
                 observer.commit(batch, self)

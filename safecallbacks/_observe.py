@@ -14,7 +14,7 @@ import itertools
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +26,7 @@ from ._isolation import error_type
 from ._logs import FailureLog, logger, render_payload, write
 from ._metrics import instruments, sdk_configured
 from ._options import Options
-from ._stats import Estimator, HookStats, Stats
+from ._stats import Estimator, HookStats, Stats, strata
 
 _now = time.monotonic
 WAITING_TO_LOG: deque[Observer] = deque()
@@ -42,26 +42,44 @@ _MAX_TRACKED_RUNS = 10_000
 class Batch:
     """Delivery results gathered by a consumer, committed to the ``Observer`` at once.
 
-    It never holds the exceptions themselves: a traceback keeps the delivering
-    frame alive, and a batch of those would turn every failure into garbage
-    collector work. Consumers on the hot delivery loop append to the lists
-    directly; ``add`` is the convenient form.
+    Per attempt a consumer appends only its hook, duration and lag; failures
+    are counted apart, and outcomes per hook are worked out when the batch is
+    committed or read (``outcomes``), so the per-event work stays a few list
+    appends. It never holds the exceptions themselves: a traceback keeps the
+    delivering frame alive, and a batch of those would turn every failure into
+    garbage collector work.
     """
 
-    __slots__ = ("counts", "durations", "hooks", "lags")
+    __slots__ = ("durations", "failures", "hooks", "lags", "settled")
 
     def __init__(self) -> None:
         self.durations: list[float] = []
         self.lags: list[float] = []
-        self.hooks: list[str] = []
-        self.counts: dict[tuple[str, str | None], int] = {}
+        self.hooks: list[str] = []  # one per attempt, failed ones included
+        self.failures: dict[tuple[str, str], int] = {}  # (hook, error type) -> attempts
+        self.settled: dict[str, int] = {}  # deliveries counted elsewhere (inline calls)
 
     def add(self, hook: str, error_name: str | None, duration: float, lag: float) -> None:
         self.durations.append(duration)
         self.lags.append(lag)
-        self.hooks.append(hook)
-        key = (hook, error_name)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.hooks.append(hook)  # before the failure: a concurrent reader never sees
+        if error_name is not None:  # more failures of a hook than attempts of it
+            key = (hook, error_name)
+            self.failures[key] = self.failures.get(key, 0) + 1
+
+    def outcomes(self) -> dict[tuple[str, str | None], int]:
+        """Attempts per (hook, error type), ``None`` for delivered; safe beside the consumer."""
+        failures = dict(self.failures)  # copied before the hooks, for the order ``add`` keeps
+        attempts = Counter(self.hooks[:])
+        attempts.update(self.settled)
+        found: dict[tuple[str, str | None], int] = {}
+        for (hook, error_name), count in failures.items():
+            found[(hook, error_name)] = count
+            attempts[hook] -= count
+        for hook, count in attempts.items():
+            if count > 0:
+                found[(hook, None)] = count
+        return found
 
     def __len__(self) -> int:
         return len(self.durations)
@@ -87,7 +105,8 @@ class Observer:
         self._open_runs: dict[object, None] = {}
         self._announced: set[str] = set()
         self._pending_logs: list[tuple[str, dict[str, Any]]] = []
-        self._unreported_drops: dict[str, int] = {}
+        # Drops and skips not yet added to the OpenTelemetry counter (the next commit does).
+        self._unreported: dict[tuple[str, str], int] = {}
         self._last_stall = -math.inf
         breaker = options.breaker
         self.breaker = BreakerState(
@@ -106,7 +125,8 @@ class Observer:
         with self._lock:
             self._bump(hook, _DROPPED, count)
             # Reported to OpenTelemetry by the next commit, off the emitting thread.
-            self._unreported_drops[hook] = self._unreported_drops.get(hook, 0) + count
+            key = (hook, DROPPED)
+            self._unreported[key] = self._unreported.get(key, 0) + count
         if reason != "exit":  # drops at exit are reported once for the whole process
             self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
 
@@ -163,10 +183,10 @@ class Observer:
                 allowed = True  # let handlers that pair starts with ends close what they opened
             if not allowed:
                 self._bump(hook, _SKIPPED, 1)
+                key = (hook, SKIPPED)
+                self._unreported[key] = self._unreported.get(key, 0) + 1
         if entered:
             self.breaker_changed(entered)
-        if not allowed:
-            instruments().events.add(1, self._attributes(hook, SKIPPED, ""))
         return allowed
 
     def failure(
@@ -240,10 +260,11 @@ class Observer:
         with self._lock:
             if holder is not None:
                 holder.batch = fresh
-            drops, self._unreported_drops = self._unreported_drops, {}
+            drops, self._unreported = self._unreported, {}
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
-            for (hook, error_name), count in batch.counts.items():
+            outcomes = batch.outcomes()
+            for (hook, error_name), count in outcomes.items():
                 if error_name is None:
                     self._bump(hook, _DELIVERED, count)
                 else:
@@ -254,18 +275,30 @@ class Observer:
         if not batch.durations:
             return fresh
         found = instruments()
-        for (hook, error_name), count in batch.counts.items():
+        for (hook, error_name), count in outcomes.items():
             outcome = DELIVERED if error_name is None else FAILED
             found.events.add(count, self._attributes(hook, outcome, error_name or ""))
         if sdk_configured():
-            handler_only = {"handler": self.name}
-            for hook, duration, lag in zip(batch.hooks, batch.durations, batch.lags, strict=True):
-                found.duration.record(duration, self._attributes(hook, "", ""))
-                found.lag.record(lag, handler_only)
+            self._record_histograms(batch)
         threshold = self.options.stall_threshold
         if max(batch.durations) >= threshold or max(batch.lags) >= threshold:
             self._report_stall(batch)
         return fresh
+
+    def _record_histograms(self, batch: Batch) -> None:
+        """Duration and lag of the batch's events; of a sample of them for a large batch.
+
+        Recording a histogram value costs more than delivering a no-op event,
+        so a batch larger than ``SAMPLES_PER_BATCH`` records the same
+        stratified sample the ``Stats`` quantiles use (the event counter
+        stays exact).
+        """
+        found = instruments()
+        handler_only = {"handler": self.name}
+        hooks, durations, lags = batch.hooks, batch.durations, batch.lags
+        for position, _ in strata(len(durations)):
+            found.duration.record(durations[position], self._attributes(hooks[position], "", ""))
+            found.lag.record(lags[position], handler_only)
 
     def _report_stall(self, batch: Batch) -> None:
         now = self.clock()
@@ -287,16 +320,17 @@ class Observer:
         with self._lock:
             self._log.summarise_all()
             lines = self._log.take_lines()
-            drops, self._unreported_drops = self._unreported_drops, {}
+            drops, self._unreported = self._unreported, {}
         write(lines)
         self._report_drops(drops)
         self.emit_pending()
 
-    def _report_drops(self, drops: Mapping[str, int]) -> None:
-        if drops:
+    def _report_drops(self, unreported: Mapping[tuple[str, str], int]) -> None:
+        """Add drops and skips to the OpenTelemetry counter, a batch at a time."""
+        if unreported:
             counter = instruments().events
-            for hook, count in drops.items():
-                counter.add(count, self._attributes(hook, DROPPED, ""))
+            for (hook, outcome), count in unreported.items():
+                counter.add(count, self._attributes(hook, outcome, ""))
 
     def track_run(self, hook: str, run_id: object) -> None:
         """Remember runs whose start was delivered, so an open breaker still lets their end by."""
@@ -355,7 +389,7 @@ class Observer:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
             errors = dict(self._errors)
             for batch in live():  # delivered but not committed yet: counted the same way
-                for (hook, error_name), count in list(batch.counts.items()):
+                for (hook, error_name), count in batch.outcomes().items():
                     row = rows.setdefault(hook, list(_EMPTY_ROW))
                     row[_DELIVERED if error_name is None else _FAILED] += count
                     if error_name is not None:

@@ -20,7 +20,7 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeAlias
 
 from ._compat import count_value
@@ -53,6 +53,18 @@ class LaneOwner(Protocol):
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
 
     async def deliver_async(self, lane: Lane, item: Item, batch: Batch) -> None: ...
+
+    def async_call(self, hook: str) -> Callable[..., Any]: ...
+
+    failing: bool
+
+    def finish_async(
+        self, lane: Lane, item: Item, batch: Batch, step: Any, started: float
+    ) -> Awaitable[None] | None: ...
+
+    def deliver_now(
+        self, lane: Lane, item: Item, batch: Batch, calls: dict[str, Callable[..., Any]]
+    ) -> Awaitable[None] | None: ...
 
 
 POLL_SECONDS = 0.002  # how often a busy lane is drained: the delivery latency bound

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -15,8 +18,12 @@ class Estimator:
     """Count, mean, max and approximate quantiles of durations in fixed memory.
 
     Values fall into logarithmic buckets (eight per doubling), so memory stays
-    a few hundred integers whatever the number of samples. Not thread-safe:
-    the owner serialises calls.
+    a few hundred integers whatever the number of samples. Count, total and
+    maximum are exact. Bucketing is what costs per value, so a large batch
+    (more than ``SAMPLES_PER_BATCH`` values) is bucketed from one value per
+    equal slice of it, weighted by the slice's size: quantiles then come from
+    a stratified sample, the other figures stay exact. Not thread-safe: the
+    owner serialises calls.
     """
 
     __slots__ = ("_buckets", "count", "maximum", "total")
@@ -44,23 +51,17 @@ class Estimator:
     def add(self, seconds: float) -> None:
         self.add_many((seconds,))
 
-    def add_many(self, values: Iterable[float]) -> None:
-        buckets, frexp, sub = self._buckets, math.frexp, _SUB_BUCKETS
-        count, total, maximum = self.count, self.total, self.maximum
-        for seconds in values:
-            count += 1
-            if seconds < 1e-9:
-                index = -1
-            else:
-                total += seconds
-                if seconds > maximum:
-                    maximum = seconds
-                # frexp splits x into m * 2**e with 0.5 <= m < 1: e picks the
-                # doubling, m the sub-bucket inside it (cheaper than a log).
-                mantissa, exponent = frexp(seconds * 1e9)
-                index = exponent * sub + int((mantissa - 0.5) * 2 * sub)
-            buckets[index] = buckets.get(index, 0) + 1
-        self.count, self.total, self.maximum = count, total, maximum
+    def add_many(self, values: Sequence[float]) -> None:
+        size = len(values)
+        if not size:
+            return
+        self.count += size
+        self.total += sum(values)
+        self.maximum = max(self.maximum, max(values))
+        buckets = self._buckets
+        for position, weight in strata(size):
+            index = _bucket(values[position])
+            buckets[index] = buckets.get(index, 0) + weight
 
     def quantile(self, q: float) -> float:
         if not self.count:
@@ -83,6 +84,40 @@ class Estimator:
             p99=self.quantile(0.99),
             max=self.maximum,
         )
+
+
+SAMPLES_PER_BATCH = 32
+"""Values of one batch that are bucketed (and recorded to OTel histograms) at most."""
+
+
+def strata(size: int) -> list[tuple[int, int]]:
+    """(position, weight) of the values of a batch of ``size`` to bucket; weights sum to ``size``.
+
+    Every value of a small batch; for a larger one a value at a random position
+    in each of ``SAMPLES_PER_BATCH`` equal slices, weighted by the slice's
+    length. Random rather than fixed positions, so a periodic pattern (every
+    tenth event slow) cannot fall between the picks.
+    """
+    if size <= SAMPLES_PER_BATCH:
+        return [(position, 1) for position in range(size)]
+    pick = random.random
+    return [(start + int(pick() * length), length) for start, length in _slices(size)]
+
+
+@functools.lru_cache(maxsize=128)
+def _slices(size: int) -> tuple[tuple[int, int], ...]:
+    """(start, length) of ``SAMPLES_PER_BATCH`` equal slices of ``size`` values."""
+    bounds = [number * size // SAMPLES_PER_BATCH for number in range(SAMPLES_PER_BATCH + 1)]
+    return tuple((start, end - start) for start, end in itertools.pairwise(bounds))
+
+
+def _bucket(seconds: float) -> int:
+    if seconds < 1e-9:
+        return -1
+    # frexp splits x into m * 2**e with 0.5 <= m < 1: e picks the doubling,
+    # m the sub-bucket inside it (cheaper than a log).
+    mantissa, exponent = math.frexp(seconds * 1e9)
+    return exponent * _SUB_BUCKETS + int((mantissa - 0.5) * 2 * _SUB_BUCKETS)
 
 
 def _bucket_upper(index: int) -> float:

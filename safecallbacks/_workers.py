@@ -41,7 +41,13 @@ class ThreadLane(Lane):
         pool().kick(self)
 
     def drain(self, budget: int) -> None:
-        """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event)."""
+        """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event).
+
+        Per event: the handler call in the event's context, two attribute stores
+        that let the watchdog see it in flight, a clock read and three appends.
+        What depends only on the hook is looked up once per drain (``_Plan``),
+        and counts, timings and outcomes are settled per batch by ``commit``.
+        """
         queue = self.queue
         self.note_depth()
         engine = self.engine
@@ -49,8 +55,8 @@ class ThreadLane(Lane):
         observer = engine.observer
         breaker = observer.breaker
         batch = self.batch
-        durations, lags, hooks, counts = batch.durations, batch.lags, batch.hooks, batch.counts
-        calls: dict[str, Callable[..., Any]] = {}
+        durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+        plans: dict[str, _Plan] = {}
         started = _now()
         try:
             for _ in range(budget):
@@ -62,52 +68,66 @@ class ThreadLane(Lane):
                     self._popped()
                 if entry.__class__ is Barrier:
                     batch = observer.commit(batch, self)  # exact counts once a flush returns
-                    durations, lags, hooks, counts = (
-                        batch.durations,
-                        batch.lags,
-                        batch.hooks,
-                        batch.counts,
-                    )
+                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
                     self.took_barrier(entry)
                     started = _now()
                     continue
                 hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
-                run_id = kwargs.get("run_id")
-                if hook in START_HOOKS:
-                    stops.remember_parent(run_id, kwargs)
-                if breaker.state != "closed" and not observer.admit(hook, run_id):
+                plan = plans.get(hook)
+                if plan is None:
+                    plan = plans[hook] = _Plan(engine, hook)
+                if plan.tracks_runs:
+                    run_id = kwargs.get("run_id")
+                    if plan.starts:
+                        stops.remember_parent(run_id, kwargs)
+                if breaker.state != "closed" and not observer.admit(hook, kwargs.get("run_id")):
                     continue
-                call = calls.get(hook)
-                if call is None:
-                    call = calls[hook] = engine.sync_call(hook)
                 self.busy_since, self.inflight = started, hook
-                error_name: str | None = None
+                failed = False
                 try:
-                    result = context.run(call, *args, **kwargs)
+                    result = context.run(plan.call, *args, **kwargs)
                     if result is not None and isinstance(result, Awaitable):
                         context.run(engine.await_elsewhere, result, loop)
                 except StopStream as stop:
-                    stops.mark(hook, run_id, stop)
+                    stops.mark(hook, kwargs.get("run_id"), stop)
                 except BaseException as exc:  # a worker must survive whatever a handler does
-                    error_name = observer.failure(hook, exc, run_id, args, kwargs, context)
+                    failed = True
+                    error_name = observer.failure(
+                        hook, exc, kwargs.get("run_id"), args, kwargs, context
+                    )
                 self.busy_since = self.inflight = None  # settled: no longer pending
-                if hook in END_HOOKS:
-                    stops.run_ended(run_id)
                 ended = _now()
-                if error_name is None and breaker.consecutive:
-                    observer.outcome(True)
                 durations.append(ended - started)
                 lags.append(started - emitted_at)
                 hooks.append(hook)
-                key = (hook, error_name)
-                counts[key] = counts.get(key, 0) + 1
-                if error_name is None and hook in PAIRED_HOOKS:
-                    observer.track_run(hook, run_id)
+                if failed:
+                    key = (hook, error_name)
+                    batch.failures[key] = batch.failures.get(key, 0) + 1
+                elif breaker.consecutive:
+                    observer.outcome(True)
+                if plan.tracks_runs:
+                    if plan.ends:
+                        stops.run_ended(run_id)
+                    if not failed and plan.paired:
+                        observer.track_run(hook, run_id)
                 started = ended
         finally:
             self.busy_since, self.inflight = None, None
             self.stuck_reported = False
             observer.commit(batch, self)
+
+
+class _Plan:
+    """What delivering one hook needs, looked up once per drain rather than per event."""
+
+    __slots__ = ("call", "ends", "paired", "starts", "tracks_runs")
+
+    def __init__(self, engine: Any, hook: str) -> None:
+        self.call: Callable[..., Any] = engine.sync_call(hook)
+        self.starts = hook in START_HOOKS
+        self.ends = hook in END_HOOKS
+        self.paired = hook in PAIRED_HOOKS
+        self.tracks_runs = self.starts or self.ends or self.paired
 
 
 # --- the shared worker pool ---------------------------------------------------

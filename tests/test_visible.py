@@ -121,6 +121,33 @@ def test_metric_names_units_attributes_and_values(reader: InMemoryMetricReader) 
     assert stats.breaker == "open"
 
 
+def test_histograms_sample_large_batches_while_the_event_counter_stays_exact(
+    reader: InMemoryMetricReader,
+) -> None:
+    blocker = BlockingHandler()
+    handler = harden(blocker, name="m-sampled")
+    run = _llm_run(handler)
+    run.on_llm_new_token("first")  # parks the worker: the rest pile up into one backlog
+    assert blocker.entered.wait(5.0)
+    for i in range(2_000):
+        run.on_llm_new_token(f"t{i}")
+    blocker.release()
+    assert handler.flush(10.0)
+    events = {a["hook"]: p.value for a, p in _points(reader, "safecallbacks.events", "m-sampled")}
+    assert events == {"on_chat_model_start": 1, "on_llm_new_token": 2_001}
+    durations = {
+        a["hook"]: p.count
+        for a, p in _points(reader, "safecallbacks.handler.duration", "m-sampled")
+    }
+    # Batches of at most 512 events, at most 32 values recorded from each.
+    assert 32 <= durations["on_llm_new_token"] < 2_001
+    (lag,) = _points(reader, "safecallbacks.delivery.lag", "m-sampled")
+    assert lag[1].count == sum(durations.values())
+    stats = handler.stats()
+    assert stats.delivered == stats.handler_time.count == stats.lag.count == 2_002
+    assert stats.lag.max >= stats.lag.p99 > 0
+
+
 def test_drops_and_queue_depth_are_reported(reader: InMemoryMetricReader) -> None:
     blocker = BlockingHandler()
     safe = harden(blocker, max_queue=2, name="m-drop")
