@@ -38,6 +38,10 @@ class BreakerState:
             return True, None
         return False, None
 
+    def resting(self) -> bool:
+        """Open, and not yet due for a trial: events are skipped (read without a lock)."""
+        return self.state == "open" and self.clock() - self.opened_at < self.reset
+
     def succeeded(self) -> str | None:
         self.consecutive = 0
         if self.state == "half_open":

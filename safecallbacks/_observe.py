@@ -50,7 +50,7 @@ class Batch:
     garbage collector work.
     """
 
-    __slots__ = ("durations", "failures", "hooks", "lags", "settled")
+    __slots__ = ("durations", "failures", "hooks", "lags", "settled", "skipped")
 
     def __init__(self) -> None:
         self.durations: list[float] = []
@@ -58,6 +58,7 @@ class Batch:
         self.hooks: list[str] = []  # one per attempt, failed ones included
         self.failures: dict[tuple[str, str], int] = {}  # (hook, error type) -> attempts
         self.settled: dict[str, int] = {}  # deliveries counted elsewhere (inline calls)
+        self.skipped: dict[str, int] = {}  # refused by an open breaker, counted per batch
 
     def add(self, hook: str, error_name: str | None, duration: float, lag: float) -> None:
         self.durations.append(duration)
@@ -68,7 +69,10 @@ class Batch:
             self.failures[key] = self.failures.get(key, 0) + 1
 
     def outcomes(self) -> dict[tuple[str, str | None], int]:
-        """Attempts per (hook, error type), ``None`` for delivered; safe beside the consumer."""
+        """Attempts per (hook, error type), ``None`` for delivered; safe beside the consumer.
+
+        Skips are not attempts: they are in ``skipped``.
+        """
         failures = dict(self.failures)  # copied before the hooks, for the order ``add`` keeps
         attempts = Counter(self.hooks[:])
         attempts.update(self.settled)
@@ -264,6 +268,9 @@ class Observer:
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
             outcomes = batch.outcomes()
+            for hook, count in batch.skipped.items():
+                self._bump(hook, _SKIPPED, count)
+                drops[(hook, SKIPPED)] = drops.get((hook, SKIPPED), 0) + count
             for (hook, error_name), count in outcomes.items():
                 if error_name is None:
                     self._bump(hook, _DELIVERED, count)
@@ -389,6 +396,8 @@ class Observer:
             rows = {hook: list(row) for hook, row in self._hooks.items()}
             errors = dict(self._errors)
             for batch in live():  # delivered but not committed yet: counted the same way
+                for hook, count in dict(batch.skipped).items():
+                    rows.setdefault(hook, list(_EMPTY_ROW))[_SKIPPED] += count
                 for (hook, error_name), count in batch.outcomes().items():
                     row = rows.setdefault(hook, list(_EMPTY_ROW))
                     row[_DELIVERED if error_name is None else _FAILED] += count

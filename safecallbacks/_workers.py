@@ -80,8 +80,13 @@ class ThreadLane(Lane):
                     run_id = kwargs.get("run_id")
                     if plan.starts:
                         stops.remember_parent(run_id, kwargs)
-                if breaker.state != "closed" and not observer.admit(hook, kwargs.get("run_id")):
-                    continue
+                if breaker.state != "closed":
+                    if breaker.state == "open" and not plan.tracks_runs and breaker.resting():
+                        # Skipped without the observer's lock: counted with the batch.
+                        batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
+                        continue
+                    if not observer.admit(hook, kwargs.get("run_id")):
+                        continue
                 self.busy_since, self.inflight = started, hook
                 failed = False
                 try:
