@@ -342,7 +342,9 @@ class HookAttribute:
     def __get__(self, obj: Any, cls: type | None = None) -> Any:
         if obj is None:
             return self.recorder
-        engine = engine_of(obj)
+        engine = obj.__dict__.get("_sc_engine")  # engine_of, inlined: read per event
+        if engine.__class__ is not Engine or engine.target is not obj:
+            engine = _bind(obj)
         if self.hook in engine.awaited_hooks:
             return _AwaitedHook(obj, engine, self.hook, self.recorder, self.records)
         return MethodType(self.recorder, obj)
