@@ -276,38 +276,35 @@ async def bench_async(
     yield Result(loop, total, cpu, events, settled)
 
 
-def take_turns(runs: dict[str, Iterator[Result | None]]) -> dict[str, Result]:
-    """Run one timed repeat of every configuration in turn, the order reversed every round,
-    so that a machine getting faster or slower shifts every row alike, not the later ones."""
-    results: dict[str, Result] = {}
-    order = list(runs)
+def turns(keys: list[str], results: dict[str, Result]) -> Iterator[tuple[int, str]]:
+    """(round, key) until every key has its result: each configuration runs one timed
+    repeat in turn, the order reversed every round, so that a machine getting faster or
+    slower shifts every row alike, not the later ones."""
     for round_number in itertools.count():
-        if len(results) == len(runs):
-            return results
-        for key in order if round_number % 2 == 0 else order[::-1]:
-            if key in results:
-                continue
-            print(f"hot_path: {key} round {round_number}", file=sys.stderr, flush=True)
-            step = next(runs[key])
-            if step is not None:
-                results[key] = step
+        if len(results) == len(keys):
+            return
+        for key in keys if round_number % 2 == 0 else keys[::-1]:
+            if key not in results:
+                yield round_number, key
+
+
+def take_turns(runs: dict[str, Iterator[Result | None]]) -> dict[str, Result]:
+    results: dict[str, Result] = {}
+    for round_number, key in turns(list(runs), results):
+        print(f"hot_path: {key} round {round_number}", file=sys.stderr, flush=True)
+        step = next(runs[key])
+        if step is not None:
+            results[key] = step
     return results
 
 
 async def atake_turns(runs: dict[str, AsyncIterator[Result | None]]) -> dict[str, Result]:
-    """``take_turns`` for the async benchmarks."""
     results: dict[str, Result] = {}
-    order = list(runs)
-    for round_number in itertools.count():
-        if len(results) == len(runs):
-            return results
-        for key in order if round_number % 2 == 0 else order[::-1]:
-            if key in results:
-                continue
-            print(f"hot_path: {key} async round {round_number}", file=sys.stderr, flush=True)
-            step = await anext(runs[key])
-            if step is not None:
-                results[key] = step
+    for round_number, key in turns(list(runs), results):
+        print(f"hot_path: {key} async round {round_number}", file=sys.stderr, flush=True)
+        step = await anext(runs[key])
+        if step is not None:
+            results[key] = step
     return results
 
 

@@ -279,25 +279,20 @@ class Engine:
     # --- delivery ---------------------------------------------------------
 
     def sync_call(self, hook: str) -> Callable[..., Any]:
-        """The callable a worker runs for ``hook`` (resolved once per batch)."""
-        if hook == "on_chat_model_start":
-            # Goes through call_hook for LangChain's on_llm_start fallback.
-            resolve, target = self.resolve, self.target
-
-            def chat_model_start(*args: Any, **kwargs: Any) -> Any:
-                return call_hook(resolve, target, hook, args, kwargs)
-
-            return chat_model_start
-        return self.resolve(hook)
+        """The callable a worker runs for ``hook`` (resolved once per drain)."""
+        return self._callable(hook, call_hook)
 
     def async_call(self, hook: str) -> Callable[..., Any]:
         """The callable a loop consumer calls for ``hook`` (resolved once per drain)."""
+        return self._callable(hook, acall_hook)
+
+    def _callable(self, hook: str, through: Callable[..., Any]) -> Callable[..., Any]:
         if hook == "on_chat_model_start":
-            # Through acall_hook for LangChain's on_llm_start fallback.
+            # Through call_hook / acall_hook for LangChain's on_llm_start fallback.
             resolve, target = self.resolve, self.target
 
             def chat_model_start(*args: Any, **kwargs: Any) -> Any:
-                return acall_hook(resolve, target, hook, args, kwargs)
+                return through(resolve, target, hook, args, kwargs)
 
             return chat_model_start
         return self.resolve(hook)

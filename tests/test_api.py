@@ -202,6 +202,33 @@ def test_chat_model_start_falls_back_to_llm_start_like_langchain() -> None:
             assert inner.prompts == bare.prompts == [["Human: hello"]]
 
 
+async def test_async_chat_model_start_falls_back_to_llm_start_like_langchain() -> None:
+    class AsyncLlmOnly(AsyncCallbackHandler):
+        def __init__(self) -> None:
+            self.prompts: list[list[str]] = []
+
+        async def on_llm_start(self, serialized: Any, prompts: list[str], **kwargs: Any) -> None:
+            await asyncio.sleep(0)  # suspends once: the rest is stepped by the consumer
+            self.prompts.append(prompts)
+
+        async def on_chat_model_start(
+            self, serialized: Any, messages: list[list[BaseMessage]], **kwargs: Any
+        ) -> None:
+            raise NotImplementedError
+
+    bare = AsyncLlmOnly()
+    async for _ in fake_chat_model(2).astream("hello", {"callbacks": [bare]}):
+        pass
+    for mode in ("offload", "inline"):
+        inner = AsyncLlmOnly()
+        safe = harden(inner, mode=mode)
+        async for _ in fake_chat_model(2).astream("hello", {"callbacks": [safe]}):
+            pass
+        assert await safe.aflush(5.0)
+        assert inner.prompts == bare.prompts == [["Human: hello"]]
+        assert stats(safe).failed == 0
+
+
 def test_ignore_flags_read_through_live() -> None:
     class Switchable(RecordingHandler):
         mute = False
