@@ -240,7 +240,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
         if lane is not None:
             next(lane.emitted)
             item = (hook, args, kwargs, copy_context(), monotonic(), loop)
-            if len(lane.queue) >= lane.max_queue:
+            if len(lane.queue) >= lane.nudge_at:
                 lane.overflow(item)
             else:
                 lane.queue.append(item)

@@ -123,6 +123,9 @@ class Lane:
         self.engine = engine
         self.queue: deque[Item | Barrier] = deque()
         self.max_queue = engine.options.max_queue
+        # Recorders take the slow path (``overflow``) from this depth on; thread lanes
+        # lower it to nudge their worker when a backlog builds up.
+        self.nudge_at = self.max_queue
         self.emitted = engine.observer.emitted
         self.scheduled = False
         self.high_water = 0
@@ -148,7 +151,13 @@ class Lane:
             self.kick()
 
     def overflow(self, item: Item) -> None:
-        """The slow half of ``put``, for recorders that found the queue full."""
+        """The slow half of ``put``, for recorders that found the queue long or full."""
+        if len(self.queue) < self.max_queue:
+            self.queue.append(item)
+            if not self.scheduled:
+                self.kick()
+            self.nudge()
+            return
         if self._make_room(item):
             self.queue.append(item)
             if not self.scheduled:
@@ -172,6 +181,9 @@ class Lane:
 
     def kick(self) -> None:
         raise NotImplementedError
+
+    def nudge(self) -> None:
+        """A backlog is building up (only thread lanes act on it)."""
 
     def _make_room(self, item: Item) -> bool:
         """Apply ``on_full``; False when ``item`` itself was dropped."""

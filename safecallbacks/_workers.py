@@ -5,8 +5,10 @@ its events in order and one at a time, and a hung handler only ever holds its
 own worker. While a lane has traffic it "lingers": the watchdog polls it every
 few milliseconds instead of being woken per event, so a CPU-bound stream pays
 no wake-up or GIL hand-off per token. Threads are started by the watchdog or
-by workers, never on the token path; the only emitter-side call here is
-``Pool.kick`` when a lane goes from idle to busy.
+by workers, never on the token path; the emitter-side calls here are
+``Pool.kick`` when a lane goes from idle to busy, and ``ThreadLane.nudge`` when
+a backlog builds up (a 0.2 ms sleep at most every 5 ms that hands the GIL to
+the worker, which a busy event loop would otherwise keep to itself).
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
 from ._stopping import StopStream
 
 _now = time.monotonic
+_sleep = time.sleep
 
+NUDGE_AT = 256  # queued events (and each further such many) at which an emitter nudges
+NUDGE_EVERY = 0.005  # at most one nudge this often, over every lane of the process
+NUDGE_SLEEP = 0.0002  # how long a nudging emitter lets go of the GIL
+_LAST_NUDGE = [0.0]
 BATCH = 512  # events one worker takes from one lane before giving others a turn
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
@@ -37,8 +44,35 @@ IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 class ThreadLane(Lane):
     """Drained by the shared worker pool."""
 
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.nudge_base = self.nudge_at = max(min(NUDGE_AT, self.max_queue // 4), 1)
+
     def kick(self) -> None:
         pool().kick(self)
+
+    def nudge(self) -> None:
+        """Give this lane's worker the GIL for a moment: a backlog is building up.
+
+        A thread that lets go of the GIL around I/O and takes it straight back (an
+        event loop around each ``select``) wins every race for it, and threads
+        waiting for the GIL do not ask for it while such switches happen: under a
+        busy loop a worker could wait for hundreds of milliseconds while the
+        backlog grows to ``max_queue``. So the emitter, once per ``NUDGE_AT``
+        more events queued and at most once per ``NUDGE_EVERY`` in the process,
+        makes the lane ready and sleeps ``NUDGE_SLEEP``. A lane whose handler has
+        been busy past ``stall_threshold`` is stuck, not starved: never nudged.
+        """
+        self.nudge_at = min(len(self.queue) + self.nudge_base, self.max_queue)
+        now = _now()
+        if now - _LAST_NUDGE[0] < NUDGE_EVERY:
+            return
+        since = self.busy_since
+        if since is not None and now - since > self.engine.options.stall_threshold:
+            return
+        _LAST_NUDGE[0] = now
+        pool().wake(self)
+        _sleep(NUDGE_SLEEP)
 
     def drain(self, budget: int) -> None:
         """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event).
@@ -50,6 +84,7 @@ class ThreadLane(Lane):
         """
         queue = self.queue
         self.note_depth()
+        self.nudge_at = self.nudge_base  # a worker got its turn: nudge afresh
         engine = self.engine
         stops = engine.stops
         observer = engine.observer
@@ -180,6 +215,12 @@ class Pool:
             lane.scheduled = True
             self._make_ready(lane, _now())
             self._ensure_watchdog()
+
+    def wake(self, lane: ThreadLane) -> None:
+        """A lingering lane with a backlog: ready now, not at the next poll."""
+        with self.lock:
+            if self.lingering.pop(lane, None) is not None:
+                self._make_ready(lane, _now())
 
     def forget(self, lane: ThreadLane) -> None:
         """Stop watching a closed handler's lane, so it needs no polling."""
