@@ -30,7 +30,7 @@ from ._handler import (
 )
 from ._install import install, uninstall
 from ._options import Breaker
-from ._policy import register_inline, register_plumbing
+from ._policy import register_inline, register_offload, register_plumbing
 from ._stats import HookStats, Stats, Summary
 from ._stopping import StopStream
 
@@ -50,6 +50,7 @@ __all__ = [
     "harden_config",
     "install",
     "register_inline",
+    "register_offload",
     "register_plumbing",
     "stats",
     "uninstall",

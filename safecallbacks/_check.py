@@ -36,6 +36,7 @@ from typing import Any
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 
+from ._hardened import engine_of
 from ._hooks import implemented_hooks, is_async_callable
 from ._measure import (
     APIS,
@@ -284,8 +285,10 @@ def run_check(spec: str, cfg: CheckConfig) -> Runs:
         for kind, api in _EVERY_STREAM:
             safe = harden(make_handler(factory, spec))
             expected = streams[kind, api, "none"].chunks
+            # A root run's end may wait up to ``settle`` for the backlog: not a stall.
+            limit = cfg.timeout + engine_of(safe).options.settle
             run = stream_bounded(
-                runs.model(kind), safe, api, expected, cfg.timeout, flush_timeout=cfg.flush_timeout
+                runs.model(kind), safe, api, expected, limit, flush_timeout=cfg.flush_timeout
             )
             run.stats = stats(safe)
             runs.mode = run.stats.mode

@@ -63,6 +63,7 @@ def _stream_row(key: tuple[str, str, str], run: StreamRun) -> dict[str, Any]:
         "expected": run.total,
         "ended": run.ended,
         "total_ms": _ms(run.elapsed),
+        "last_chunk_ms": _ms(run.to_last_chunk),
         "longest_gap_ms": _ms(run.longest_gap),
         "log_lines": run.log_lines,
     }

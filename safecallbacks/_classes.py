@@ -153,7 +153,12 @@ def hardened_class(cls: type, options: Options | None = None) -> type:
             "_sc_default_options": defaults,
             "_sc_wrapped_class": cls,
         }
+        ours = {"__new__": staticmethod(_hardened_new), "_sc_wrapped_class": cls}
         made = type(cls.__name__, (cls, _HardenedClassBase), namespace)
+        # Some metaclasses rewrite a subclass body in place (MLflow's wraps every
+        # callable in it); attributes set after creation stay as written.
+        for name, value in ours.items():
+            type.__setattr__(made, name, value)
         if "_sc_originals" not in made.__dict__:  # cls's own __init_subclass__ skipped ours
             harden_class_body(made)
         _classes[key] = made

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from ._adapt import Adaptive
 from ._compat import count_value, get_running_loop
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS, is_async_callable
 from ._inline import InlineCalls
@@ -39,13 +40,15 @@ from ._lifecycle import registry
 from ._loops import LoopLane, background_loop
 from ._observe import Batch, Observer
 from ._options import Options
-from ._queue import Barrier, Item, Lane, await_settled, wait_settled
+from ._queue import Barrier, Item, Lane, await_settled, inside_delivery, wait_settled
 from ._stats import Stats, merge_stats
 from ._stopping import StopMarks, StopStream
 from ._workers import ThreadLane
 from ._workers import forget as forget_thread_lane
+from ._workers import pool as pool_of_lanes
 
 _copy_context = contextvars.copy_context
+PARK_CHECK_SECONDS = 0.005  # how often a settling caller looks for a parked lane
 _now = time.monotonic
 
 
@@ -87,6 +90,8 @@ class Engine:
         async_hooks: Iterable[str] = (),
         requested: Options | None = None,
         parent: Engine | None = None,
+        reason: str = "",
+        adaptive: bool = False,
     ) -> None:
         self.target = target
         self.resolve = resolve
@@ -111,7 +116,11 @@ class Engine:
         self.inline_counts: dict[str, itertools.count[int]] = {
             hook: itertools.count() for hook in hooks
         }
-        self.awaited_hooks = self._awaited_hooks(frozenset(async_hooks), frozenset(hooks))
+        self._hook_sets = frozenset(async_hooks), frozenset(hooks)
+        self.awaited_hooks = self._awaited_hooks(*self._hook_sets)
+        self.mode_reason = reason or f"mode={options.mode!r} given"
+        self.wanted_mode: tuple[str, str, bool] | None = None  # a move auto asked for
+        self.adapt = Adaptive(self, adaptive, options.mode, options.stall_threshold)
         self.root: Engine = parent.root if parent is not None else self
         self.members: weakref.WeakSet[Engine] = weakref.WeakSet()
         if parent is not None:
@@ -140,10 +149,13 @@ class Engine:
         """Which fast path recorders may take: the lane to append to, or calling inline."""
         open_ = not self.closed and self.breaker.state == "closed"
         offload = self.options.mode == "offload"
+        moving = self.wanted_mode is not None
         fast = offload and not self.has_async and not self.closed and not self.stop_marks
+        fast = fast and not moving
         self.fast_lane = self._thread_lane if fast else None
         # Async handlers: recorders append to the emitting loop's lane once it exists.
         fast_loops = offload and self.async_only and not self.closed and not self.stop_marks
+        fast_loops = fast_loops and not moving
         self.fast_loop_lanes = self._loop_lanes if fast_loops else None
         self.inline_ready = self.options.mode == "inline" and open_
 
@@ -183,16 +195,90 @@ class Engine:
         """Take one event on the emitter's side (recorders inline the common case)."""
         if not self.accept(hook, kwargs):
             return
+        if self.wanted_mode is not None:
+            self._move_when_ready()
         loop = get_running_loop()
         if self.options.mode == "inline":
             if loop is not None and self.has_async and self._is_async(hook):
                 # Awaiting here would block the emitting loop: run it as an ordered task on it.
                 self._loop_lane(loop).put((hook, args, kwargs, _copy_context(), _now(), loop))
+            elif self.adapt.trial:
+                self.adapt.trial_result(hook, self.inline.call(hook, args, kwargs))
             else:
                 self.inline.call(hook, args, kwargs)
             return
         lane: Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
         lane.put((hook, args, kwargs, _copy_context(), _now(), loop))
+
+    # --- auto's revisions ---------------------------------------------------------
+
+    def request_mode(self, mode: str, reason: str, trial: bool = False) -> None:
+        """Ask to move to ``mode`` once what is queued has been delivered (any thread)."""
+        if self.options.mode != mode and not self.closed:
+            self.wanted_mode = (mode, reason, trial)
+            self._refresh_fast_lane()  # recorders now pass through record(), which moves
+
+    def refresh(self) -> None:
+        self._refresh_fast_lane()
+
+    def _move_when_ready(self) -> None:
+        """Make the move auto asked for, once nothing queued can be overtaken."""
+        if self._thread_lane.parked:
+            self.take_over()
+        elif all(not lane.queue and lane.inflight is None for lane in self.lanes()):
+            wanted, self.wanted_mode = self.wanted_mode, None
+            if wanted is not None:
+                self.switch_mode(wanted[0], wanted[1])
+
+    def take_over(self) -> None:
+        """Deliver a parked lane's events here, on the caller's thread, then stay inline.
+
+        A worker parks the lane when a hook failed there in a way that may be
+        thread-bound; the first event delivered here is the trial.
+        """
+        lane = self._thread_lane
+        wanted = self.wanted_mode
+        if wanted is None or not pool_of_lanes().claim(lane):
+            return
+        self.wanted_mode = None
+        self.switch_mode(wanted[0], wanted[1])
+        try:
+            while lane.queue:
+                entry = lane.queue.popleft()
+                if isinstance(entry, Barrier):
+                    lane.took_barrier(entry)
+                    continue
+                hook, args, kwargs, context, _, _ = entry
+                error = context.run(self.inline.call, hook, args, kwargs)
+                if self.adapt.trial:
+                    self.adapt.trial_result(hook, error)
+                    if self.options.mode != "inline":
+                        break  # it fails here too: the rest goes back to the workers
+        finally:
+            pool_of_lanes().release(lane)
+
+    def switch_mode(self, mode: str, reason: str) -> None:
+        """Deliver from now on in ``mode`` (logged once per move, shown in stats)."""
+        from dataclasses import replace
+
+        if self.options.mode == mode:
+            return
+        previous = self.options.mode
+        self.options = replace(self.options, mode=mode)  # type: ignore[arg-type]
+        self.mode_reason = reason
+        self.awaited_hooks = self._awaited_hooks(*self._hook_sets)
+        if mode == "inline":
+            self.adapt.now_inline(self.options.stall_threshold)
+        self._refresh_fast_lane()
+        self.observer.announce_once(
+            f"mode:{previous}->{mode}", "mode_changed", previous=previous, mode=mode, reason=reason
+        )
+
+    def check_stall(self, hook: str, started: float) -> None:
+        """After an inline call: moved off the token path if it blocked the caller too long."""
+        took = _now() - started
+        if took > self.adapt.stall_limit:
+            self.adapt.stalled(hook, took)
 
     async def adeliver(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """What LangChain's async manager awaits for a hook in ``awaited_hooks``."""
@@ -216,21 +302,53 @@ class Engine:
             return False
 
     def settle_now(self) -> None:
-        """A root run ended on a sync emitter: wait up to ``settle`` for this backlog."""
-        if self._is_stuck():
+        """A root run ended on a sync emitter: wait up to ``settle`` for this backlog.
+
+        Not inside a delivery (a run started by a hook): that backlog waits for it.
+        """
+        if self.wanted_mode is not None and self._thread_lane.parked:
+            self.take_over()
+        if self._is_stuck() or inside_delivery():
             return
         deadline = _now() + self.options.settle
         here = get_running_loop()
-        for lane, barrier in self.place_barriers():
+        for lane, barrier in self._settle_barriers():
             if here is not None and lane.loop is here:
                 continue  # that loop can only drain once this caller returns
-            wait_settled(lane, barrier, deadline)
+            if lane is self._thread_lane and not self.adapt.final:
+                self._settle_or_take_over(barrier, deadline)
+            else:
+                wait_settled(lane, barrier, deadline)
+
+    def _settle_or_take_over(self, barrier: Barrier, deadline: float) -> None:
+        """Wait in short slices: should a worker park the lane meanwhile, this caller's
+        thread is where its events belong, and it delivers them itself."""
+        lane = self._thread_lane
+        while not wait_settled(lane, barrier, min(deadline, _now() + PARK_CHECK_SECONDS)):
+            if lane.parked and self.wanted_mode is not None:
+                self.take_over()
+            elif _now() >= deadline:
+                return
 
     async def asettle(self) -> None:
         """``settle_now`` for async emitters: waits without blocking the loop."""
-        if self.options.settle <= 0 or self._is_stuck():
+        if self.wanted_mode is not None and self._thread_lane.parked:
+            self.take_over()
+        if self.options.settle <= 0 or self._is_stuck() or inside_delivery():
             return
-        await await_settled(self.place_barriers(), self.options.settle)
+        placed = self._settle_barriers()
+        if placed:
+            await await_settled(placed, self.options.settle)
+
+    def _settle_barriers(self) -> list[tuple[Lane, Barrier]]:
+        """Barriers in the lanes that may hold something: an idle lane needs no wait."""
+        placed = []
+        for lane in self.lanes():
+            if lane.scheduled or lane.queue:
+                barrier = Barrier()
+                lane.put_barrier(barrier)
+                placed.append((lane, barrier))
+        return placed
 
     def _is_stuck(self) -> bool:
         now = _now()
@@ -280,7 +398,7 @@ class Engine:
 
     def sync_call(self, hook: str) -> Callable[..., Any]:
         """The callable a worker runs for ``hook`` (resolved once per drain)."""
-        return self._callable(hook, call_hook)
+        return self.adapt.probing(hook, self._callable(hook, call_hook))
 
     def async_call(self, hook: str) -> Callable[..., Any]:
         """The callable a loop consumer calls for ``hook`` (resolved once per drain)."""
@@ -406,6 +524,8 @@ class Engine:
 
     def flush(self, timeout: float, what: str = "flush") -> bool:
         refuse_in_a_loop(what)
+        if self.wanted_mode is not None and self._thread_lane.parked:
+            self.take_over()
         deadline = _now() + timeout
         ok = True
         for lane, barrier in self._family_barriers():
@@ -478,6 +598,7 @@ class Engine:
         return self.observer.snapshot(
             sum(inline.settled.values()),
             self.options.mode,
+            self.mode_reason,
             queued,
             depth,
             max(high, depth),

@@ -28,7 +28,7 @@ from ._dispatch import Engine, Unbound, refuse_in_a_loop
 from ._hooks import END_HOOKS, class_hooks, is_async_callable
 from ._inline import PLAIN_RESULTS
 from ._options import Options
-from ._policy import auto_mode
+from ._policy import decide
 from ._stats import Stats
 
 ENGINE_LOCK = fork_safe(threading.RLock())
@@ -154,7 +154,11 @@ def _bind(handler: Any) -> Engine:
 def make_engine(handler: Any, requested: Options, parent: Engine | None = None) -> Engine:
     cls = type(handler)
     resolved: Mapping[str, Any] = cls._sc_resolved
-    mode = requested.mode if requested.mode != "auto" else auto_mode(cls)
+    if requested.mode == "auto":
+        decision = decide(cls)
+        mode, reason, adaptive = decision.mode, decision.reason, decision.adaptive
+    else:
+        mode, reason, adaptive = requested.mode, f"mode={requested.mode!r} given", False
     options = requested if mode == requested.mode else _with_mode(requested, mode)
     async_hooks = [hook for hook, value in resolved.items() if is_async_callable(value)]
     made = Engine(
@@ -168,6 +172,8 @@ def make_engine(handler: Any, requested: Options, parent: Engine | None = None) 
         async_hooks=async_hooks,
         requested=requested,
         parent=parent,
+        reason=reason,
+        adaptive=adaptive,
     )
     made.bare_run_inline = _bare_run_inline(handler)
     return made
@@ -247,6 +253,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
                 if not lane.scheduled:
                     lane.kick()
         elif engine.inline_ready and not is_async:
+            started = monotonic()
             try:
                 if engine.bare_run_inline or _getframe(1).f_code is not _ASYNC_MANAGER_CODE:
                     if plain:
@@ -259,14 +266,17 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
                     result = copy_context().run(original.__get__(self, cls), *args, **kwargs)
             except BaseException as exc:
                 engine.inline.failed(hook, exc, args, kwargs)
+                engine.check_stall(hook, started)
                 return None
             if result is not None and type(result) not in _PLAIN_RESULTS:
                 engine.inline.result(hook, result, args, kwargs)
-                return None
-            next(engine.inline_counts[hook])  # emitted and delivered in one count
-            if engine.failing:
-                engine.observer.outcome(True)
-            return None
+            else:
+                next(engine.inline_counts[hook])  # emitted and delivered in one count
+                if engine.failing:
+                    engine.observer.outcome(True)
+            if monotonic() - started > engine.adapt.stall_limit:
+                engine.check_stall(hook, started)
+            return None  # nothing of an inline handler's is left to settle
         else:
             engine.record(hook, args, kwargs)
         if settles and engine.options.settle and kwargs.get("parent_run_id") is None:

@@ -21,6 +21,7 @@ from ._isolation import (
     Resolver,
     acall_hook,
     call_hook,
+    finish_awaitable,
     passes_through_caller,
     run_bounded,
     run_here,
@@ -48,6 +49,8 @@ class InlineOwner(Protocol):
 
     def accept(self, hook: str, kwargs: Mapping[str, Any]) -> bool: ...
 
+    def check_stall(self, hook: str, started: float) -> None: ...
+
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
 
 
@@ -59,19 +62,30 @@ class InlineCalls:
     def __init__(self, engine: InlineOwner) -> None:
         self.engine = engine
 
-    def call(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def call(
+        self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException | None:
+        """Call the hook here; return what it raised (already accounted for), if anything."""
         run_id = kwargs.get("run_id")
         if not self.engine.observer.admit(hook, run_id):
-            return
+            return None
         started = _now()
         error: BaseException | None = None
+        engine = self.engine
         try:
-            result = call_hook(self.engine.resolve, self.engine.target, hook, args, kwargs)
+            result = call_hook(engine.resolve, engine.target, hook, args, kwargs)
             if result is not None and isinstance(result, Awaitable):
-                self.engine.await_elsewhere(result, None)
+                # An async hook from sync code: awaited to its end, with LangChain's
+                # on_llm_start fallback should the coroutine raise NotImplementedError.
+                engine.await_elsewhere(
+                    finish_awaitable(result, engine.resolve, engine.target, hook, args, kwargs),
+                    None,
+                )
         except BaseException as exc:
             error = exc
+        engine.check_stall(hook, started)
         self._settle(hook, run_id, error, started, args, kwargs)
+        return error
 
     async def acall(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Inline mode on the async path: LangChain awaits this, so the handler is awaited here.
@@ -93,6 +107,7 @@ class InlineCalls:
             error = await run_here(coro, self.engine.options.timeout)
         else:  # LangChain would gather it: a task of its own, in a copy of the context
             error = await run_bounded(coro, contextvars.copy_context(), self.engine.options.timeout)
+        self.engine.check_stall(hook, started)
         self._settle(hook, run_id, error, started, args, kwargs)
 
     def result(
@@ -104,8 +119,11 @@ class InlineCalls:
                 PLAIN_RESULTS.add(type(result))  # e.g. a tracer's Run: never check it again
             next(self.engine.inline_counts[hook])
             return
+        engine = self.engine
         try:
-            self.engine.await_elsewhere(result, None)
+            engine.await_elsewhere(
+                finish_awaitable(result, engine.resolve, engine.target, hook, args, kwargs), None
+            )
         except BaseException as exc:
             self.failed(hook, exc, args, kwargs)
             return

@@ -41,6 +41,8 @@ class _Installed:
     overrides: dict[str, Options]
     configure: Any
     add_handler: Any
+    patched_configure: Any = None
+    patched_add_handler: Any = None
     hardened: weakref.WeakSet[BaseCallbackHandler] = field(default_factory=weakref.WeakSet)
 
     def options_for(self, cls: type) -> Options:
@@ -144,9 +146,12 @@ def install(
             return
         configure = _compat.configure_function()
         add_handler = BaseCallbackManager.add_handler
-        _installed = _Installed(resolved, per_class, configure, add_handler)
-        _compat.set_configure_function(_hardening_configure(configure))
-        BaseCallbackManager.add_handler = _hardening_add_handler(add_handler)  # type: ignore[method-assign]
+        state = _Installed(resolved, per_class, configure, add_handler)
+        state.patched_configure = _hardening_configure(configure)
+        state.patched_add_handler = _hardening_add_handler(add_handler)
+        _installed = state
+        _compat.set_configure_function(state.patched_configure)
+        BaseCallbackManager.add_handler = state.patched_add_handler  # type: ignore[method-assign]
 
 
 def _hardening_configure(configure: Any) -> Any:
@@ -199,9 +204,12 @@ def uninstall(timeout: float = 5.0) -> None:
         state, _installed = _installed, None
         if state is None:
             return
-        if getattr(_compat.configure_function(), "_sc_patch", False):
+        # Put back only what is still ours: a patch another library made on top of
+        # ours (functools.wraps copies our marker onto it) stays, with ours inert
+        # inside it (it hardens nothing while not installed).
+        if _compat.configure_function() is state.patched_configure:
             _compat.set_configure_function(state.configure)
-        if getattr(BaseCallbackManager.add_handler, "_sc_patch", False):
+        if BaseCallbackManager.__dict__.get("add_handler") is state.patched_add_handler:
             BaseCallbackManager.add_handler = state.add_handler  # type: ignore[method-assign]
         handlers = list(state.hardened)
     for handler in handlers:

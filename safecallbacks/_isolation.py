@@ -126,6 +126,28 @@ async def acall_hook(
     return (await result) if inspect.isawaitable(result) else result
 
 
+async def finish_awaitable(
+    awaitable: Any,
+    resolve: Resolver,
+    target: object,
+    hook: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> Any:
+    """Await what a hook returned; an ``on_chat_model_start`` coroutine that raises
+    ``NotImplementedError`` falls back to ``on_llm_start``, as LangChain's does."""
+    try:
+        return await awaitable
+    except NotImplementedError:
+        if not _llm_start_fallback_wanted(hook, target):
+            if hook != "on_chat_model_start":
+                raise
+            return None
+    llm_args, llm_kwargs = _as_llm_start(args, kwargs)
+    result = resolve("on_llm_start")(*llm_args, **llm_kwargs)
+    return (await result) if inspect.isawaitable(result) else result
+
+
 class Contained(Exception):
     """Carries ``KeyboardInterrupt`` or ``SystemExit`` out of a task.
 

@@ -23,7 +23,7 @@ from ._compat import fork_safe, get_running_loop
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._isolation import first_step
 from ._observe import Batch
-from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
+from ._queue import CONSUMER_TASKS, LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
 
 _now = time.monotonic
 RUN_HOOKS = START_HOOKS | END_HOOKS | PAIRED_HOOKS  # hooks with run bookkeeping to do
@@ -67,6 +67,7 @@ class LoopLane(Lane):
         assert self.loop is not None
         # Held here: the loop keeps only a weak reference to its tasks.
         self._task = self.loop.create_task(self._consume())
+        CONSUMER_TASKS.add(self._task)
 
     def _unschedule(self) -> bool:
         with self._lock:

@@ -41,7 +41,8 @@ class StreamRun:
     chunks: int = 0
     error: str | None = None
     longest_gap: float = 0.0
-    elapsed: float = 0.0
+    elapsed: float = 0.0  # to the end of the call (a root run's end may settle)
+    to_last_chunk: float = 0.0
     timed_out: bool = False
     loop_lag: float | None = None
     log_lines: int = 0
@@ -101,6 +102,7 @@ def stream_through(
         gap = now - run.last_event
         run.last_event = now
         run.longest_gap = max(run.longest_gap, gap)
+        run.to_last_chunk = now - run.started
         run.chunks += 1
         if on_chunk is not None:
             on_chunk(run.chunks, str(content), gap)

@@ -380,6 +380,7 @@ class Observer:
         self,
         inline_events: int,
         mode: str,
+        mode_reason: str,
         queued: Mapping[str, int],
         queue_depth: int,
         high_water: int,
@@ -423,6 +424,7 @@ class Observer:
         return Stats(
             handler=self.name,
             mode=mode,
+            mode_reason=mode_reason,
             emitted=emitted,
             delivered=totals[_DELIVERED],
             failed=totals[_FAILED],

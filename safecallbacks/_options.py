@@ -142,7 +142,7 @@ class Options:
     summary_interval: float = _option(10.0, _positive, "seconds between failure summaries")
     stall_threshold: float = _option(1.0, _positive, "delay reported as a stall")
     exit_timeout: float = _option(default_exit_timeout, _non_negative, "budget at exit")
-    settle: float = _option(0.0, _non_negative, "root run ends wait this long for backlog")
+    settle: float = _option(0.5, _non_negative, "root run ends wait this long for backlog")
 
     def __post_init__(self) -> None:
         for spec in fields(self):

@@ -1,41 +1,59 @@
 """Which delivery each kind of handler gets under ``mode="auto"``, and what is never wrapped.
 
-Both rules are data: dotted class names matched against a handler's MRO, so
-optional packages are never imported to decide. Users extend them with
-``register_inline`` and ``register_plumbing``. Nothing here runs on the token
-path: the choice is made once, when a handler is hardened.
+The rule rests on what a handler is, read from its class once, when it is
+hardened (nothing here runs on the token path). First match wins:
 
-* Inline (isolated, in the caller): tracers, which stamp start and end times
-  when the hook runs (offloaded, a 500 ms LLM run was recorded as 89 ms) and
-  whose SDKs already export on background threads; and in-memory collectors
-  that users read right after a call returns.
-* Offload: everything else.
-* Never wrapped: LangChain's and LangGraph's own plumbing, which must run
-  exactly as it does (stream handlers, the idle-timeout handler).
+1. classes registered with ``register_inline`` / ``register_offload``;
+2. LangChain tracers (``BaseTracer``, ``AsyncBaseTracer``) run inline: they
+   stamp run times when a hook runs, and their SDKs export in the background;
+3. a hook that publishes context (sets a ``ContextVar``, makes a span current)
+   runs inline: the code after it must see that context;
+4. handlers whose hooks all come from installed libraries run inline: a
+   library's handler is written for its caller's thread, context and timing
+   (tracing SDKs, usage collectors, UI frameworks' session-bound handlers);
+5. the application's own handlers are offloaded: that is where hooks do
+   blocking I/O of their own.
+
+What a handler does during its first events can still move it (``_adapt``):
+an inline handler that stalls its caller once is offloaded from then on; an
+offloaded one that turns out to publish context, or that fails off the
+caller's thread but not on it, is brought inline. Nothing is ever wrapped of
+LangChain's and LangGraph's own plumbing (stream handlers, the idle-timeout
+handler).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from . import _compat
 from ._compat import fork_safe
+from ._hooks import implemented_hooks
+from ._signals import application_hooks, context_writer, library_hooks
 
-INLINE_BY_DEFAULT: list[str] = [
-    # tracers
+INLINE_BY_DEFAULT: list[str] = []
+"""Dotted class names ``register_inline`` added: always inline under ``auto``."""
+
+OFFLOAD_BY_DEFAULT: list[str] = []
+"""Dotted class names ``register_offload`` added: always offloaded under ``auto``."""
+
+TRACER_BASES = (
     "langchain_core.tracers.base.BaseTracer",
     "langchain_core.tracers.base.AsyncBaseTracer",
-    "langfuse.langchain.CallbackHandler.LangchainCallbackHandler",
-    "opentelemetry.instrumentation.langchain.callback_handler.TraceloopCallbackHandler",
-    # collectors read right after a call
-    "langchain_core.callbacks.usage.UsageMetadataCallbackHandler",
-    "langchain_core.callbacks.stdout.StdOutCallbackHandler",
-    "langchain_core.callbacks.streaming_stdout.StreamingStdOutCallbackHandler",
-    "langchain_core.callbacks.file.FileCallbackHandler",
-    "langchain_classic.callbacks.streaming_aiter.AsyncIteratorCallbackHandler",
-    "langchain.callbacks.streaming_aiter.AsyncIteratorCallbackHandler",
-]
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` picked for a class, why, and whether its first events may revise it."""
+
+    mode: str
+    reason: str
+    adaptive: bool = True  # False for registrations: the user decided
+
 
 PLUMBING: list[str] = [
     # with_listeners(): the user's listeners are meant to run (and raise) as written
@@ -73,6 +91,15 @@ def register_inline(*targets: type | str) -> None:
     names = _names(targets, "register_inline")
     with _lock:
         INLINE_BY_DEFAULT.extend(n for n in names if n not in INLINE_BY_DEFAULT)
+        _registrations[0] += 1
+
+
+def register_offload(*targets: type | str) -> None:
+    """Have ``mode="auto"`` offload these handler classes (and subclasses)."""
+    names = _names(targets, "register_offload")
+    with _lock:
+        OFFLOAD_BY_DEFAULT.extend(n for n in names if n not in OFFLOAD_BY_DEFAULT)
+        _registrations[0] += 1
 
 
 def register_plumbing(*targets: type | str) -> None:
@@ -88,8 +115,53 @@ def _matches(cls: type, names: list[str]) -> bool:
 
 
 def auto_mode(cls: type) -> str:
-    """The delivery ``mode="auto"`` picks for instances of ``cls``."""
-    return "inline" if _matches(cls, INLINE_BY_DEFAULT) else "offload"
+    """The delivery ``mode="auto"`` picks for instances of ``cls`` (before any event)."""
+    return decide(cls).mode
+
+
+_decided: dict[tuple[type, int], Decision] = {}
+_registrations = [0]  # bumped by every register_*: earlier decisions are stale
+
+
+def decide(cls: type) -> Decision:
+    """``auto``'s choice for ``cls`` and the reason, in a few words a user can check."""
+    key = (cls, _registrations[0])
+    found = _decided.get(key)
+    if found is None:
+        wrapped = cls.__dict__.get("_sc_wrapped_class")  # a metaclass may have wrapped it
+        found = _decide(wrapped if isinstance(wrapped, type) else cls)
+        with _lock:
+            if len(_decided) > 4096:  # classes made per request must not pile up
+                _decided.clear()
+            _decided[key] = found
+    return found
+
+
+def _decide(cls: type) -> Decision:
+    if _matches(cls, OFFLOAD_BY_DEFAULT):
+        return Decision("offload", "registered with register_offload", adaptive=False)
+    if _matches(cls, INLINE_BY_DEFAULT):
+        return Decision("inline", "registered with register_inline", adaptive=False)
+    if _matches(cls, list(TRACER_BASES)):
+        return Decision("inline", "a LangChain tracer: it times runs as its hooks run")
+    hooks = _own_hooks(cls)
+    writer = context_writer(cls, hooks)
+    if writer is not None:
+        hook, call = writer
+        return Decision("inline", f"{hook} publishes context ({call}) for the code after it")
+    library = library_hooks(cls, hooks)
+    if library or not hooks:
+        top = (library[0][1] if library else cls.__module__).split(".", 1)[0]
+        return Decision("inline", f"a library's handler ({top}): written to run in its caller")
+    hook, module = application_hooks(cls, hooks)[0]
+    return Decision("offload", f"the application's own code ({module}.{hook}): it may block")
+
+
+def _own_hooks(cls: type) -> Mapping[str, Any]:
+    resolved: Mapping[str, Any] | None = cls.__dict__.get("_sc_resolved")
+    if resolved:
+        return resolved
+    return implemented_hooks(cls)
 
 
 def is_plumbing(cls: type) -> bool:

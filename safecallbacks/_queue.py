@@ -19,10 +19,12 @@ import contextvars
 import itertools
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeAlias
 
+from ._adapt import Adaptive
 from ._compat import count_value
 from ._observe import Batch, Observer
 from ._options import Options
@@ -41,12 +43,39 @@ Item: TypeAlias = tuple[
 """One queued event."""
 
 
+_DELIVERY_THREAD = threading.local()
+CONSUMER_TASKS: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
+"""Loop lanes' consumer tasks: a hook they run is inside a delivery."""
+
+
+def mark_delivery_thread() -> None:
+    """Called once by each worker thread: everything it runs is a delivery."""
+    _DELIVERY_THREAD.on = True
+
+
+def inside_delivery() -> bool:
+    """True when the caller is a handler's hook being delivered (a worker or a consumer task).
+
+    A run started inside a hook ends inside that delivery: waiting there for the
+    handler's backlog would wait for the delivery that is waiting.
+    """
+    if getattr(_DELIVERY_THREAD, "on", False):
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop on this thread
+        return False
+    return task is not None and task in CONSUMER_TASKS
+
+
 class LaneOwner(Protocol):
     """What a lane and its consumer need from the engine that owns them."""
 
     options: Options
     observer: Observer
     stops: StopMarks
+    adapt: Adaptive
+    wanted_mode: tuple[str, str, bool] | None  # (mode, reason, after a thread-bound failure)
 
     def sync_call(self, hook: str) -> Callable[..., Any]: ...
 
@@ -268,12 +297,8 @@ class Lane:
         return found
 
     def depth(self) -> int:
-        """Events waiting, roughly: a flush marker at the tail is not counted."""
-        queue = self.queue
-        try:
-            return len(queue) - (queue[-1].__class__ is Barrier)
-        except IndexError:
-            return 0
+        """Events waiting; flush and settle barriers are not counted."""
+        return self.events_queued()
 
     def note_depth(self) -> None:
         self.high_water = max(self.high_water, self.depth())

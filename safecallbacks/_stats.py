@@ -193,6 +193,7 @@ class Stats:
     breaker: str = "closed"
     closed: bool = False
     stops_too_late: int = 0
+    mode_reason: str = ""
 
     def __repr__(self) -> str:
         counts = (
@@ -216,7 +217,7 @@ class Stats:
             f"{hook}: {h.delivered}/{h.emitted}" for hook, h in sorted(self.hooks.items())
         )
         return (
-            f"Stats(handler={self.handler!r}, mode={self.mode!r}, {counts},\n"
+            f"Stats(handler={self.handler!r}, mode={self.mode!r} ({self.mode_reason}), {counts},\n"
             f"      {', '.join(extras)},\n"
             f"      handler_time={self.handler_time!r},\n"
             f"      lag={self.lag!r},\n"
@@ -263,4 +264,5 @@ def merge_stats(
         breaker=own.breaker,
         closed=own.closed,
         stops_too_late=sum(p.stops_too_late for p in parts),
+        mode_reason=own.mode_reason,
     )

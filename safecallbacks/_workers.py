@@ -23,7 +23,7 @@ from typing import Any
 from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._observe import WAITING_TO_LOG, write_waiting_logs
-from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane
+from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, mark_delivery_thread
 from ._stopping import StopStream
 
 _now = time.monotonic
@@ -46,6 +46,9 @@ class ThreadLane(Lane):
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
+        # Set when auto wants the handler back on its caller's thread: workers leave
+        # what is queued to the emitter, which delivers it there (Engine.take_over).
+        self.parked = False
         self.nudge_base = self.nudge_at = max(min(NUDGE_AT, self.max_queue // 4), 1)
 
     def kick(self) -> None:
@@ -143,6 +146,10 @@ class ThreadLane(Lane):
                 if failed:
                     key = (hook, error_name)
                     batch.failures[key] = batch.failures.get(key, 0) + 1
+                    if engine.wanted_mode is not None and engine.wanted_mode[2]:
+                        # A thread-bound failure: what is queued is for the caller's thread.
+                        self.parked = True
+                        return
                 elif breaker.consecutive:
                     observer.outcome(True)
                 if plan.tracks_runs:
@@ -222,6 +229,24 @@ class Pool:
             if self.lingering.pop(lane, None) is not None:
                 self._make_ready(lane, _now())
 
+    def claim(self, lane: ThreadLane) -> bool:
+        """Emitter side: take a parked lane over (False if it was already let go)."""
+        with self.lock:
+            if not lane.parked or lane in self.busy:
+                return False
+            self.lingering.pop(lane, None)
+            return True
+
+    def release(self, lane: ThreadLane) -> None:
+        """A lane taken over is the pool's again."""
+        with self.lock:
+            lane.parked = False
+            if lane.queue:
+                self._make_ready(lane, _now())
+            else:
+                self.lingering[lane] = _now()
+            self._ensure_watchdog()
+
     def forget(self, lane: ThreadLane) -> None:
         """Stop watching a closed handler's lane, so it needs no polling."""
         with self.lock:
@@ -257,6 +282,7 @@ class Pool:
     # --- workers ----------------------------------------------------------------
 
     def _work(self) -> None:
+        mark_delivery_thread()
         with self.lock:
             self.starting -= 1
         while True:
@@ -289,7 +315,7 @@ class Pool:
     def _after_drain(self, lane: ThreadLane) -> None:
         with self.lock:
             self.busy.discard(lane)
-            if lane.queue:
+            if lane.queue and not lane.parked:  # a parked lane waits for its emitter
                 self._make_ready(lane, _now())
             else:
                 self.lingering[lane] = _now()
@@ -327,6 +353,11 @@ class Pool:
     def _poll(self, now: float) -> None:
         """Move lingering lanes with new events to ready; let quiet ones go idle."""
         for lane, since in list(self.lingering.items()):
+            if lane.parked:
+                if now - since < lane.engine.options.stall_threshold:
+                    continue  # its emitter takes it over at its next event
+                lane.parked = False  # nobody came: delivered here after all
+                lane.engine.adapt.trial_abandoned()
             if lane.queue:
                 del self.lingering[lane]
                 self._make_ready(lane, now)

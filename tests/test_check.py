@@ -188,7 +188,8 @@ def test_a_slow_handler_is_reported_as_stalling_streams(handlers: Any) -> None:
     paced = {(s["api"], s["handler"]): s for s in report["streams"] if s["model"] == "paced"}
     # Bare, each of the 12 tokens waits 20 ms more; hardened, the stream keeps its pace.
     assert paced["sync", "bare"]["total_ms"] >= paced["sync", "none"]["total_ms"] + 200
-    assert paced["sync", "hardened"]["total_ms"] < paced["sync", "bare"]["total_ms"] - 150
+    # (The last chunk: the call's end may then wait, bounded by settle, for the backlog.)
+    assert paced["sync", "hardened"]["last_chunk_ms"] < paced["sync", "bare"]["total_ms"] - 150
 
 
 def test_an_async_hook_that_blocks_the_loop_is_caught(handlers: Any) -> None:

@@ -606,7 +606,7 @@ class AsyncSlow(AsyncCallbackHandler):
 
 handlers = {"sync": SyncSlow(), "async": AsyncSlow()}
 for name, handler in handlers.items():
-    WATCHED[name] = harden(handler, exit_timeout=20.0)
+    WATCHED[name] = harden(handler, exit_timeout=20.0, settle=0)  # leave work for the exit
 config = {"callbacks": list(WATCHED.values())}
 chunks = [c.content for c in fake_chat_model(20).stream("hi", config=config)]
 
@@ -671,7 +671,8 @@ class SlowAsync(AsyncCallbackHandler):
 def test_asyncio_run_ending_with_events_pending_accounts_for_them(delay: float | None) -> None:
     handler = SlowAsync(delay)
     exit_timeout = 0.3
-    safe = harden(handler, exit_timeout=exit_timeout, breaker=None)
+    # settle=0: the stream's end does not wait, so events are left for the loop's shutdown.
+    safe = harden(handler, exit_timeout=exit_timeout, breaker=None, settle=0)
     seen: dict[str, Any] = {}
 
     async def main() -> None:
