@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -48,7 +49,7 @@ from ._measure import (
     stream_bounded,
 )
 from ._paced import PacedFakeChatModel, make_tokens
-from ._policy import auto_mode, dotted_name, is_plumbing
+from ._policy import decide, dotted_name, is_plumbing
 
 GAP_MS = 50.0
 """A bare stream stalls when its longest gap exceeds the no-handler one by more."""
@@ -230,6 +231,8 @@ class Runs:
     cls: type = BaseCallbackHandler
     timed: bool = True
     mode: str = ""
+    mode_reason: str = ""
+    offload_differs: list[str] = field(default_factory=list)  # state read right after a call
     printed: int = 0
 
     def model(self, kind: str) -> BaseChatModel:
@@ -291,13 +294,44 @@ def run_check(spec: str, cfg: CheckConfig) -> Runs:
                 runs.model(kind), safe, api, expected, limit, flush_timeout=cfg.flush_timeout
             )
             run.stats = stats(safe)
-            runs.mode = run.stats.mode
+            runs.mode, runs.mode_reason = run.stats.mode, run.stats.mode_reason
             close(safe, timeout=0.1)
             stats(safe)  # writes the log lines close() queued while they are still counted
             streams[kind, api, "hardened"] = run
-    runs.mode = runs.mode or auto_mode(runs.cls)
+        if not any(r.timed_out for r in streams.values()):
+            runs.offload_differs = differs_offloaded(factory, spec, runs.model, cfg)
+    if not runs.mode:
+        decision = decide(runs.cls)
+        runs.mode, runs.mode_reason = decision.mode, decision.reason
     runs.printed = printed.lines
     return runs
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f-]{27}|\d+\.\d+")
+
+
+def differs_offloaded(
+    factory: Callable[[], Any], spec: str, model: Callable[[str], BaseChatModel], cfg: CheckConfig
+) -> list[str]:
+    """The attributes a handler holds right after a call that differ inline vs offloaded.
+
+    Both are fresh handlers, hardened one each way, read without a flush as a user
+    reads a collector; ids, addresses and numbers with a fraction are ignored.
+    """
+    from . import close, harden
+
+    seen = []
+    for mode in ("inline", "offload"):
+        handler = harden(make_handler(factory, spec), mode=mode, settle=cfg.flush_timeout)
+        stream_bounded(model("cpu"), handler, "sync", 0, cfg.timeout + cfg.flush_timeout)
+        seen.append({k: _ADDRESS.sub("", repr(v)) for k, v in vars(handler).items()})
+        close(handler, timeout=0.1)
+    inline, offloaded = seen
+    return sorted(
+        name
+        for name in set(inline) | set(offloaded)
+        if not name.startswith("_sc_") and inline.get(name) != offloaded.get(name)
+    )
 
 
 _EVERY_STREAM = [(kind, api) for kind in MODELS for api in APIS]

@@ -150,6 +150,12 @@ def grade(spec: str, runs: Runs) -> dict[str, Any]:
         )
     if runs.printed:
         notes.append(f"it printed {runs.printed} lines to stdout (kept out of this report)")
+    if runs.offload_differs:
+        notes.append(
+            "offloaded, what it holds right after a call differs from inline ("
+            + ", ".join(runs.offload_differs[:5])
+            + "): keep it inline (mode='inline' or register_inline)"
+        )
     if runs.mode == "inline":
         notes.append(
             "auto runs it inline, in the caller: hardened, its exceptions are isolated "
@@ -167,6 +173,8 @@ def grade(spec: str, runs: Runs) -> dict[str, Any]:
             for hook, value in implemented_hooks(runs.cls).items()
         },
         "auto_mode": runs.mode,
+        "auto_reason": runs.mode_reason,
+        "offload_differs": runs.offload_differs,
         "verdict": f"{verdict} a stream bare" if verdict else "ok",
         "exit_code": code,
         "breaks": breaks,
@@ -210,7 +218,7 @@ def render(report: dict[str, Any]) -> str:
         f"safecallbacks check {report['target']}",
         f"  handler    {report['handler']}",
         f"  hooks      {hooks}",
-        f"  auto mode  {report['auto_mode']}",
+        f"  auto mode  {report['auto_mode']} ({report['auto_reason']})",
         f"  streams    paced: {model['tokens']} tokens, one every {model['interval_s'] * 1e3:g} ms;"
         " CPU-bound: GenericFakeChatModel, no pauses",
         "",

@@ -316,11 +316,13 @@ class Engine:
             if here is not None and lane.loop is here:
                 continue  # that loop can only drain once this caller returns
             if lane is self._thread_lane and not self.adapt.final:
-                self._settle_or_take_over(barrier, deadline)
+                settled = self._settle_or_take_over(barrier, deadline)
             else:
-                wait_settled(lane, barrier, deadline)
+                settled = wait_settled(lane, barrier, deadline)
+            if not settled:
+                lane.settle_gave_up = lane.busy_since
 
-    def _settle_or_take_over(self, barrier: Barrier, deadline: float) -> None:
+    def _settle_or_take_over(self, barrier: Barrier, deadline: float) -> bool:
         """Wait in short slices: should a worker park the lane meanwhile, this caller's
         thread is where its events belong, and it delivers them itself."""
         lane = self._thread_lane
@@ -328,7 +330,8 @@ class Engine:
             if lane.parked and self.wanted_mode is not None:
                 self.take_over()
             elif _now() >= deadline:
-                return
+                return False
+        return True
 
     async def asettle(self) -> None:
         """``settle_now`` for async emitters: waits without blocking the loop."""
@@ -337,8 +340,10 @@ class Engine:
         if self.options.settle <= 0 or self._is_stuck() or inside_delivery():
             return
         placed = self._settle_barriers()
-        if placed:
-            await await_settled(placed, self.options.settle)
+        if placed and not await await_settled(placed, self.options.settle):
+            for lane, barrier in placed:
+                if not barrier.done():
+                    lane.settle_gave_up = lane.busy_since
 
     def _settle_barriers(self) -> list[tuple[Lane, Barrier]]:
         """Barriers in the lanes that may hold something: an idle lane needs no wait."""
@@ -355,7 +360,7 @@ class Engine:
         threshold = self.options.stall_threshold
         for lane in self.lanes():
             since = lane.busy_since
-            if since is not None and now - since > threshold:
+            if since is not None and (now - since > threshold or since == lane.settle_gave_up):
                 return True
         return False
 

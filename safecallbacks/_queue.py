@@ -160,6 +160,9 @@ class Lane:
         self.high_water = 0
         self.busy_since: float | None = None
         self.inflight: str | None = None
+        # The busy_since of a delivery a root run's end already waited for in vain: the
+        # same hung delivery never costs a second wait.
+        self.settle_gave_up: float | None = None
         self.stuck_reported = False
         self.ready_at = 0.0
         self.batch = Batch()  # results not yet committed to the observer

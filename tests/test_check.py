@@ -29,6 +29,8 @@ REPORT_KEYS = {
     "handler",
     "hooks",
     "auto_mode",
+    "auto_reason",
+    "offload_differs",
     "verdict",
     "exit_code",
     "breaks",
@@ -81,6 +83,18 @@ def make_counting():
     made = CountsStarts()
     MADE.append(made)
     return made
+
+
+class ThreadNames(BaseCallbackHandler):
+    # Keeps the name of the thread each token reached it on (as a UI session would).
+
+    def __init__(self):
+        self.threads = set()
+
+    def on_llm_new_token(self, token, **kwargs):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
 """
 
 
@@ -206,8 +220,9 @@ def test_every_stream_gets_a_fresh_handler(handlers: Any) -> None:
     code, _ = check(f"{handlers.__name__}:make_counting", "--tokens", "6")
     assert code == 0
     made = handlers.MADE
-    assert len(made) == 8  # 4 bare streams + 4 hardened ones
-    assert [h.starts for h in made] == [1] * 8  # each instance saw exactly one stream
+    # 4 bare streams, 4 hardened ones, and one inline and one offloaded for the comparison
+    assert len(made) == 10
+    assert [h.starts for h in made] == [1] * 10  # each instance saw exactly one stream
     assert [h.tokens for h in made[:2]] == [6, 6]  # the paced streams, sync then async
 
 
@@ -232,6 +247,16 @@ def test_langchain_core_handlers_pass_and_run_inline(target: str) -> None:
     else:  # chain hooks only: a chat model stream fires none of them, and check says so
         assert report["handler_time"]["sync"]["events"] == 0
         assert any("none of its hooks fired" in note for note in report["notes"])
+
+
+def test_check_says_why_auto_chose_and_when_offloaded_data_would_differ(handlers: Any) -> None:
+    _, report = check(f"{handlers.__name__}:ThreadNames", "--tokens", "6")
+    assert report["auto_mode"] == "offload"
+    assert "application's own code" in report["auto_reason"]
+    assert report["offload_differs"] == ["threads"]
+    assert any("differs from inline (threads)" in note for note in report["notes"])
+    _, quiet = check(f"{handlers.__name__}:make_counting", "--tokens", "6")
+    assert quiet["offload_differs"] == []  # a collector that keeps up is complete at return
 
 
 # --------------------------------------------------------------------------- bad targets

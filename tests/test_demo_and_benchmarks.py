@@ -138,6 +138,7 @@ HEADINGS = {
     "paced_stream": ["total vs none", "p99 vs none", "max gap ms", "CPU-bound stream"],
     "load": ["tokens/s vs none", "p99 vs none"],
     "memory": ["max_queue", "peak RSS growth MB", "dropped"],
+    "settle": ["last chunk to return", "first call (hung)"],
 }
 
 

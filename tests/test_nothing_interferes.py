@@ -376,7 +376,7 @@ async def test_settle_completes_an_offloaded_collector_before_ainvoke_returns() 
 
 def test_without_settle_the_stream_does_not_wait_for_the_collector() -> None:
     gate = threading.Event()
-    collector = harden(SlowCollector(gate), mode="offload")
+    collector = harden(SlowCollector(gate), mode="offload", settle=0)
     try:
         chunks = list(fake_chat_model(20).stream("hi", config={"callbacks": [collector]}))
         assert len(collector.tokens) < len(chunks)  # held back: proves settle is what waits
