@@ -318,14 +318,15 @@ def differs_offloaded(
     Both are fresh handlers, hardened one each way, read without a flush as a user
     reads a collector; ids, addresses and numbers with a fraction are ignored.
     """
-    from . import close, harden
+    from . import close, harden, stats
 
     seen = []
     for mode in ("inline", "offload"):
         handler = harden(make_handler(factory, spec), mode=mode, settle=cfg.flush_timeout)
         stream_bounded(model("cpu"), handler, "sync", 0, cfg.timeout + cfg.flush_timeout)
         seen.append({k: _ADDRESS.sub("", repr(v)) for k, v in vars(handler).items()})
-        close(handler, timeout=0.1)
+        close(handler, timeout=cfg.flush_timeout)
+        stats(handler)  # writes what close() logged while logs are still counted
     inline, offloaded = seen
     return sorted(
         name

@@ -242,8 +242,12 @@ def render(report: dict[str, Any]) -> str:
         f"{fmt_s(loop['max_lag_ms'] / 1e3)} late ({fmt_s(loop['no_handler_max_lag_ms'] / 1e3)}"
         f" with no handler): {'BLOCKED' if loop['blocked'] else 'not blocked'}"
     )
-    out += ["", "Streams (what the consumer saw):"]
-    rows = [("stream", "handler", "chunks", "ended", "total", "longest gap", "hardened stats")]
+    out += [
+        "",
+        "Streams (what the consumer saw; total includes a root run's end waiting for the",
+        "backlog, up to settle):",
+    ]
+    rows = [("stream", "handler", "chunks", "ended", "last chunk", "total", "longest gap", "stats")]
     for s in report["streams"]:
         stats = s.get("stats")
         rows.append(
@@ -252,6 +256,7 @@ def render(report: dict[str, Any]) -> str:
                 s["handler"],
                 f"{s['chunks']}/{s['expected']}",
                 s["ended"],
+                fmt_s(s["last_chunk_ms"] / 1e3),
                 fmt_s(s["total_ms"] / 1e3),
                 fmt_s(s["longest_gap_ms"] / 1e3),
                 _stats_cell(stats),

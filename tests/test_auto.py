@@ -45,6 +45,22 @@ class TokenCounter(BaseCallbackHandler):
         self.calls += 1
 
 
+class AsyncTokenCounter(AsyncCallbackHandler):
+    """The same collector written with async hooks (delivered on the emitting loop)."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.calls = 0
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0.002)
+
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.02)
+        self.chars += len(response.generations[0][0].text)
+        self.calls += 1
+
+
 def _consume(api: str, model: Any, config: dict[str, Any]) -> None:
     if api == "invoke":
         model.invoke("hi", config=config)
@@ -65,8 +81,11 @@ def _consume(api: str, model: Any, config: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("api", ["invoke", "stream", "batch", "ainvoke", "astream"])
 @pytest.mark.parametrize("attach", ["harden", "install"])
-def test_an_offloaded_collector_is_complete_when_each_call_returns(api: str, attach: str) -> None:
-    counter = TokenCounter()
+@pytest.mark.parametrize("kind", [TokenCounter, AsyncTokenCounter], ids=["sync", "async"])
+def test_an_offloaded_collector_is_complete_when_each_call_returns(
+    api: str, attach: str, kind: type[Any]
+) -> None:
+    counter = kind()
     handler = harden(counter) if attach == "harden" else counter
     if attach == "install":
         safecallbacks.install()
