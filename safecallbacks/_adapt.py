@@ -32,7 +32,7 @@ PROBED_DELIVERIES = 64
 """Offloaded deliveries (per handler) checked for context writes and thread-bound failures."""
 THREAD_TRIAL_AFTER = 3
 """Failures in a row, each at once and not I/O, after which the caller's thread is tried."""
-AT_ONCE = 0.005  # seconds: a failure this fast did no I/O, it is likely about where it ran
+AT_ONCE = 0.05  # seconds: a failure this fast did no real I/O, it may be about where it ran
 
 _MISSING = object()
 

@@ -353,6 +353,8 @@ class LegacyAsyncTracer(AsyncCallbackHandler):
 def test_an_async_handlers_llm_start_fallback_holds_from_sync_code(mode: str) -> None:
     bare = LegacyAsyncTracer()
     list(fake_chat_model(5).stream("hi", config={"callbacks": [bare]}))
+    if not bare.prompts:
+        pytest.skip("this langchain-core has no such fallback from sync code")
     hardened = harden(LegacyAsyncTracer(), mode=mode)  # type: ignore[arg-type]
     list(fake_chat_model(5).stream("hi", config={"callbacks": [hardened]}))
     assert safecallbacks.flush(hardened, 5.0)

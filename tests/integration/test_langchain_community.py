@@ -29,21 +29,23 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
 
-from tests._imports import import_or_skip
+from tests._imports import import_or_skip, require_langchain_core
+
+require_langchain_core("1.4", "langchain-community 0.4")
 
 with warnings.catch_warnings():
     # The package announces its sunset on import; it is still what these users run.
     warnings.simplefilter("ignore", DeprecationWarning)
     manager = import_or_skip("langchain_community.callbacks.manager")
 
-import safecallbacks
-from tests.integration._community_models import (
+import safecallbacks  # noqa: E402
+from tests.integration._community_models import (  # noqa: E402
     TOTAL_TOKENS,
     bedrock_model,
     openai_legacy_model,
     openai_model,
 )
-from tests.integration._compare import assert_same
+from tests.integration._compare import assert_same  # noqa: E402
 
 OpenAICallbackHandler = manager.OpenAICallbackHandler
 BedrockHandler = manager.BedrockAnthropicTokenUsageCallbackHandler

@@ -48,7 +48,10 @@ from typing import Any
 
 import pytest
 
-from tests._imports import import_or_skip
+from tests._imports import import_or_skip, require_langchain_core
+
+# Its LangChain integration imports langchain-classic, which is built on langchain-core 1.
+require_langchain_core("1.0", "sentry-sdk's LangChain integration")
 
 sentry_sdk = import_or_skip("sentry_sdk")
 # Raises sentry's DidNotEnable (not an ImportError) when langchain-core is missing.

@@ -29,7 +29,9 @@ from typing import Any
 
 import pytest
 
-from tests._imports import import_or_skip
+from tests._imports import import_or_skip, require_langchain_core
+
+require_langchain_core("1.4", "langchain-community 0.4 (Streamlit's handler)")
 
 import_or_skip("streamlit")
 import_or_skip("langchain_community.callbacks.streamlit")
