@@ -117,6 +117,7 @@ class Adaptive:
         """The first inline call after a thread-bound failure: keep it there, or not."""
         self.trial = False
         if error is None:
+            self.engine.refresh()  # the inline fast path is open again
             return
         self.final = True
         reason = f"fails in the caller too ({hook}: {type(error).__qualname__})"

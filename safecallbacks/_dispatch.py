@@ -157,7 +157,8 @@ class Engine:
         fast_loops = offload and self.async_only and not self.closed and not self.stop_marks
         fast_loops = fast_loops and not moving
         self.fast_loop_lanes = self._loop_lanes if fast_loops else None
-        self.inline_ready = self.options.mode == "inline" and open_
+        # During a trial in the caller, inline events pass through record(), which judges it.
+        self.inline_ready = self.options.mode == "inline" and open_ and not self.adapt.trial
 
     # --- copies --------------------------------------------------------------
 
