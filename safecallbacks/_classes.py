@@ -169,8 +169,8 @@ def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
     """Make ``handler`` an instance of its hardened class, with its own options."""
     hardened = hardened_class(type(handler))
     with ENGINE_LOCK:
-        try:
-            handler.__class__ = hardened
+        try:  # past the class's own __setattr__ (a frozen dataclass refuses any assignment)
+            object.__setattr__(handler, "__class__", hardened)
         except TypeError as exc:
             raise TypeError(
                 f"cannot harden {type(handler).__qualname__} in place ({exc}); "
