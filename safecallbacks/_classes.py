@@ -11,10 +11,12 @@ properties are made unable to raise. Nothing here runs on the token path.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import inspect
+import operator
 import threading
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, SupportsIndex, cast
 
 from langchain_core.callbacks import BaseCallbackHandler
 
@@ -130,6 +132,30 @@ class _HardenedClassBase(_Hardened):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         harden_class_body(cls)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickle (and copy) a handler of a made class by naming the class it was made from.
+
+        A class ``harden`` made carries its handler class's name, under which pickle
+        finds that class, not this one. What arrives is hardened again, with the same
+        options and an engine of its own (the state's engine pickles as ``Unbound``).
+        """
+        reduced = object.__reduce_ex__(self, max(2, operator.index(protocol)))
+        cls = type(self)
+        wrapped = cls.__dict__.get("_sc_wrapped_class")
+        if wrapped is None or isinstance(reduced, str) or reduced[0] is not _NEWOBJ:
+            return reduced  # a class of its own (SafeHandler, @harden): found by its name
+        new_args = (wrapped, cast(Any, cls)._sc_default_options, *reduced[1][1:])
+        return (_rebuild, new_args, *reduced[2:])
+
+
+_NEWOBJ: Any = copyreg.__dict__["__newobj__"]  # what object.__reduce_ex__(2+) names
+
+
+def _rebuild(wrapped: type, defaults: Options, *args: Any) -> Any:
+    """Unpickling: an instance of ``wrapped``'s hardened class; its state is set next."""
+    cls = hardened_class(wrapped, defaults)
+    return cls.__new__(cls, *args)
 
 
 _classes: dict[tuple[type, Options], type] = {}

@@ -73,7 +73,9 @@ def harden(target: Any = _NoTarget.TOKEN, /, **options: Any) -> Any:
     can no longer break, stall or tax a stream. ``@harden`` or
     ``@harden(max_queue=...)`` on a handler class makes every instance
     hardened. Something already hardened is returned as it is; asking for
-    other options than it has raises ``ValueError``.
+    other options than it has raises ``ValueError``. A hardened handler pickles
+    and arrives hardened, with its options and an engine of its own: queues,
+    workers and counts stay in the process that pickled it.
     """
     resolved = make_options(**options)
     if target is _NoTarget.TOKEN:
