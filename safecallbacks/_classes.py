@@ -96,9 +96,11 @@ def harden_class_body(cls: type) -> None:
 def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     """``__new__`` of hardened classes: place the engine's stand-in before ``__init__`` runs.
 
-    A handler made by a method of a hardened handler of the same class
-    (``self.__class__(...)``, as ``LangChainTracer.copy_with_metadata_defaults``
-    does) joins that handler's family and takes its options.
+    A handler made by a copying method of a hardened handler of the same class
+    (``self.__class__(...)`` in ``LangChainTracer.copy_with_metadata_defaults``)
+    joins that handler's family and takes its options. One made by any other
+    method (a per-request factory) is a handler of its own: closing the maker
+    must not close it, nor its stats count its events.
     """
     new: Any = object.__new__
     for klass in cls.__mro__:
@@ -107,7 +109,7 @@ def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
             new = getattr(found, "__func__", found)
             break
     instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
-    maker = _compat.constructing_self()
+    maker = _compat.copying_self()
     if type(maker) is cls:
         parent = engine_of(maker)
         made = make_engine(instance, parent.requested, parent)
