@@ -32,7 +32,14 @@ from ._hardened import (
     recorder_for,
     settler,
 )
-from ._hooks import END_HOOKS, IGNORE_FLAGS, implemented_hooks, is_async_callable
+from ._hooks import (
+    END_HOOKS,
+    IGNORE_FLAGS,
+    hooks_on_instance,
+    implemented_hooks,
+    instance_hooks_error,
+    is_async_callable,
+)
 from ._options import Options, make_options
 
 _BASE_FLAGS = {flag: BaseCallbackHandler.__dict__[flag] for flag in IGNORE_FLAGS}
@@ -194,7 +201,14 @@ def hardened_class(cls: type, options: Options | None = None) -> type:
 
 
 def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
-    """Make ``handler`` an instance of its hardened class, with its own options."""
+    """Make ``handler`` an instance of its hardened class, with its own options.
+
+    Refused (``TypeError``, the handler left as it was) when a hook is set on the
+    instance: LangChain would call that, never the recorder.
+    """
+    found = hooks_on_instance(handler)
+    if found:
+        raise instance_hooks_error(handler, found)
     hardened = hardened_class(type(handler))
     with ENGINE_LOCK:
         try:  # past the class's own __setattr__ (a frozen dataclass refuses any assignment)
