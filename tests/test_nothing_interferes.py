@@ -1071,3 +1071,28 @@ def test_a_fork_while_another_thread_holds_a_package_lock_leaves_the_child_worki
 ) -> None:
     result = run_reporting(tmp_path, FORK_WHILE_LOCKED)
     assert result["child_exit"] == 0, result
+
+
+class SeesLater(BaseCallbackHandler):
+    """Reads the first chunk only once the consumer has had it (README: by reference)."""
+
+    def __init__(self) -> None:
+        self.mutated = threading.Event()
+        self.seen: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        if not self.seen:
+            self.mutated.wait(5.0)
+        self.seen.append(str(kwargs["chunk"].message.content))
+
+
+def test_an_offloaded_handler_receives_payloads_by_reference_as_the_readme_says() -> None:
+    handler = harden(SeesLater(), mode="offload")
+    for index, message in enumerate(
+        fake_chat_model(3).stream("hi", config={"callbacks": [handler]})
+    ):
+        if index == 0:
+            message.content = "changed by the consumer"
+            handler.mutated.set()
+    assert safecallbacks.flush(handler, 5.0)
+    assert handler.seen[0] == "changed by the consumer"
