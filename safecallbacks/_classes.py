@@ -11,10 +11,12 @@ properties are made unable to raise. Nothing here runs on the token path.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import inspect
+import operator
 import threading
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, SupportsIndex, cast
 
 from langchain_core.callbacks import BaseCallbackHandler
 
@@ -30,7 +32,14 @@ from ._hardened import (
     recorder_for,
     settler,
 )
-from ._hooks import END_HOOKS, IGNORE_FLAGS, implemented_hooks, is_async_callable
+from ._hooks import (
+    END_HOOKS,
+    IGNORE_FLAGS,
+    hooks_on_instance,
+    implemented_hooks,
+    instance_hooks_error,
+    is_async_callable,
+)
 from ._options import Options, make_options
 
 _BASE_FLAGS = {flag: BaseCallbackHandler.__dict__[flag] for flag in IGNORE_FLAGS}
@@ -94,9 +103,11 @@ def harden_class_body(cls: type) -> None:
 def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     """``__new__`` of hardened classes: place the engine's stand-in before ``__init__`` runs.
 
-    A handler made by a method of a hardened handler of the same class
-    (``self.__class__(...)``, as ``LangChainTracer.copy_with_metadata_defaults``
-    does) joins that handler's family and takes its options.
+    A handler made by a copying method of a hardened handler of the same class
+    (``self.__class__(...)`` in ``LangChainTracer.copy_with_metadata_defaults``)
+    joins that handler's family and takes its options. One made by any other
+    method (a per-request factory) is a handler of its own: closing the maker
+    must not close it, nor its stats count its events.
     """
     new: Any = object.__new__
     for klass in cls.__mro__:
@@ -105,7 +116,7 @@ def _hardened_new(cls: type, *args: Any, **kwargs: Any) -> Any:
             new = getattr(found, "__func__", found)
             break
     instance = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
-    maker = _compat.constructing_self()
+    maker = _compat.copying_self()
     if type(maker) is cls:
         parent = engine_of(maker)
         made = make_engine(instance, parent.requested, parent)
@@ -130,6 +141,30 @@ class _HardenedClassBase(_Hardened):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         harden_class_body(cls)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickle (and copy) a handler of a made class by naming the class it was made from.
+
+        A class ``harden`` made carries its handler class's name, under which pickle
+        finds that class, not this one. What arrives is hardened again, with the same
+        options and an engine of its own (the state's engine pickles as ``Unbound``).
+        """
+        reduced = object.__reduce_ex__(self, max(2, operator.index(protocol)))
+        cls = type(self)
+        wrapped = cls.__dict__.get("_sc_wrapped_class")
+        if wrapped is None or isinstance(reduced, str) or reduced[0] is not _NEWOBJ:
+            return reduced  # a class of its own (SafeHandler, @harden): found by its name
+        new_args = (wrapped, cast(Any, cls)._sc_default_options, *reduced[1][1:])
+        return (_rebuild, new_args, *reduced[2:])
+
+
+_NEWOBJ: Any = copyreg.__dict__["__newobj__"]  # what object.__reduce_ex__(2+) names
+
+
+def _rebuild(wrapped: type, defaults: Options, *args: Any) -> Any:
+    """Unpickling: an instance of ``wrapped``'s hardened class; its state is set next."""
+    cls = hardened_class(wrapped, defaults)
+    return cls.__new__(cls, *args)
 
 
 _classes: dict[tuple[type, Options], type] = {}
@@ -166,11 +201,18 @@ def hardened_class(cls: type, options: Options | None = None) -> type:
 
 
 def harden_in_place(handler: BaseCallbackHandler, options: Options) -> None:
-    """Make ``handler`` an instance of its hardened class, with its own options."""
+    """Make ``handler`` an instance of its hardened class, with its own options.
+
+    Refused (``TypeError``, the handler left as it was) when a hook is set on the
+    instance: LangChain would call that, never the recorder.
+    """
+    found = hooks_on_instance(handler)
+    if found:
+        raise instance_hooks_error(handler, found)
     hardened = hardened_class(type(handler))
     with ENGINE_LOCK:
-        try:
-            handler.__class__ = hardened
+        try:  # past the class's own __setattr__ (a frozen dataclass refuses any assignment)
+            object.__setattr__(handler, "__class__", hardened)
         except TypeError as exc:
             raise TypeError(
                 f"cannot harden {type(handler).__qualname__} in place ({exc}); "

@@ -99,6 +99,19 @@ def constructing_self(depth: int = 1) -> object | None:
     return frame.f_locals.get("self")
 
 
+def copying_self(depth: int = 1) -> object | None:
+    """``constructing_self``, only when that method's name says it copies (else None).
+
+    ``copy_with_metadata_defaults``, ``copy``, ``__copy__``, ``__deepcopy__``,
+    ``model_copy``: what they build is the maker again. A per-request factory
+    (``type(self)()`` in ``for_request``) builds a handler of its own.
+    """
+    frame = _frame(depth + 1)
+    if frame is None or "copy" not in frame.f_code.co_name:
+        return None
+    return constructing_self(depth + 1)
+
+
 def configure_function() -> Any:
     """langchain-core's ``_configure``: every callback manager a run uses is built by it.
 

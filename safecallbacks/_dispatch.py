@@ -52,6 +52,15 @@ PARK_CHECK_SECONDS = 0.005  # how often a settling caller looks for a parked lan
 _now = time.monotonic
 
 
+def _failing(error: Exception) -> Callable[..., Any]:
+    """A hook that could not be resolved: each call fails with why (counted, logged)."""
+
+    def unresolved(*args: Any, **kwargs: Any) -> Any:
+        raise error.with_traceback(None)
+
+    return unresolved
+
+
 class Unbound:
     """Stands in for a handler's engine until its first event: options and family to join.
 
@@ -419,7 +428,10 @@ class Engine:
                 return through(resolve, target, hook, args, kwargs)
 
             return chat_model_start
-        return self.resolve(hook)
+        try:
+            return self.resolve(hook)
+        except Exception as exc:  # resolved outside the per-event isolation: never lose the
+            return _failing(exc)  # event taken, fail each event that needed it instead
 
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         """Run an async hook from a thread: the emitting loop if alive, else the background one."""

@@ -16,6 +16,7 @@ from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from ._classes import _HardenedClassBase, harden_in_place, hardened_class
 from ._dispatch import Engine
 from ._hardened import ENGINE_LOCK, _Hardened, engine_of, make_engine
+from ._hooks import hooks_on_instance, instance_hooks_error
 from ._options import Options, OptionValues, make_options, with_option_signature
 from ._policy import dotted_name, is_plumbing
 from ._stats import Stats
@@ -73,7 +74,9 @@ def harden(target: Any = _NoTarget.TOKEN, /, **options: Any) -> Any:
     can no longer break, stall or tax a stream. ``@harden`` or
     ``@harden(max_queue=...)`` on a handler class makes every instance
     hardened. Something already hardened is returned as it is; asking for
-    other options than it has raises ``ValueError``.
+    other options than it has raises ``ValueError``. A hardened handler pickles
+    and arrives hardened, with its options and an engine of its own: queues,
+    workers and counts stay in the process that pickled it.
     """
     resolved = make_options(**options)
     if target is _NoTarget.TOKEN:
@@ -104,6 +107,9 @@ def _harden_one(target: Any, options: Options, explicit: bool) -> Any:
     if not isinstance(target, BaseCallbackHandler):
         raise _not_a_handler(target)
     if isinstance(target, _Hardened):
+        found = hooks_on_instance(target)
+        if found:  # a hardened class's instance set it in __init__: say so, as for the rest
+            raise instance_hooks_error(target, found)
         current = engine_of(target)
         if explicit and current.requested != options:
             raise ValueError(

@@ -205,9 +205,19 @@ def _class_resolver(handler: Any) -> Callable[[str], Callable[..., Any]]:
         original = originals.get(hook)
         if original is None:
             return cast(Callable[..., Any], getattr(handler, hook))
-        return cast(Callable[..., Any], original.__get__(handler, cls))
+        return cast(Callable[..., Any], bound(original, handler, cls))
 
     return resolve
+
+
+def bound(original: Any, handler: Any, cls: type) -> Any:
+    """``original`` as ``getattr(handler, hook)`` gives it bare: bound if it is a descriptor.
+
+    A ``functools.partial`` or a callable object set on the class has no ``__get__``:
+    LangChain calls it as it is, without the handler.
+    """
+    get = getattr(type(original), "__get__", None)
+    return original if get is None else get(original, handler, cls)
 
 
 # --- recorders -------------------------------------------------------------------
@@ -230,7 +240,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
         if cls is not owner[0] and getattr(cls, hook) is not recorder:
             # Reached through super() from a subclass's own hook body, which is
             # being delivered right now: run the original, do not record again.
-            return original.__get__(self, cls)(*args, **kwargs)
+            return bound(original, self, cls)(*args, **kwargs)
         try:
             engine = self._sc_engine
             if engine.target is not self:
@@ -259,11 +269,11 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
                     if plain:
                         result = original(self, *args, **kwargs)
                     else:
-                        result = original.__get__(self, cls)(*args, **kwargs)
+                        result = bound(original, self, cls)(*args, **kwargs)
                 else:
                     # Bare, LangChain would run it in an executor with a copy of the
                     # context: context it sets must not leak into the caller's.
-                    result = copy_context().run(original.__get__(self, cls), *args, **kwargs)
+                    result = copy_context().run(bound(original, self, cls), *args, **kwargs)
             except BaseException as exc:
                 engine.inline.failed(hook, exc, args, kwargs)
                 engine.check_stall(hook, started)

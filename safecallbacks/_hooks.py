@@ -150,6 +150,23 @@ def class_hooks(cls: type) -> tuple[str, ...]:
     return tuple(sorted(set(HOOKS) | _framework_hooks(cls)))
 
 
+def hooks_on_instance(handler: Any) -> list[str]:
+    """Hooks set on the instance itself: LangChain calls those, past its class's."""
+    own = getattr(handler, "__dict__", {})
+    return [hook for hook in class_hooks(type(handler)) if hook in own]
+
+
+def instance_hooks_error(handler: Any, hooks: list[str]) -> TypeError:
+    name = type(handler).__qualname__
+    found = ", ".join(f"{name}.{hook}" for hook in hooks)
+    verb = "is" if len(hooks) == 1 else "are"
+    return TypeError(
+        f"cannot harden {name}: {found} {verb} set on the instance, and LangChain calls "
+        "what the instance has, so it would run unhardened (its failures and stalls reaching "
+        f"the stream); define it as a method of the class instead: def {hooks[0]}(self, ...)"
+    )
+
+
 def _static_lookup(cls: type, hook: str, look_past: Callable[[Any], bool]) -> Any:
     for klass in cls.__mro__:
         value = vars(klass).get(hook)

@@ -8,10 +8,16 @@ patched to harden each handler in place once, by the same per-kind policy and
 plumbing rule as ``harden_config``. Hardening in place keeps LangChain's own
 de-duplication (by ``isinstance`` and by identity) working, so nothing is
 added twice. Nothing here runs on the token path: only when managers are built.
+
+Nothing on these patched paths may raise into a run: a handler that cannot be
+hardened (its class refuses subclasses, say) stays bare, is counted
+(``not_hardened()``) and logged once per class. Handlers are tracked by
+identity, never by hash: dataclass and pydantic handlers are unhashable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 
-from . import _compat
+from . import _compat, _logs
 from ._classes import harden_in_place
 from ._compat import fork_safe
 from ._hardened import _Hardened, engine_of
@@ -43,7 +49,15 @@ class _Installed:
     add_handler: Any
     patched_configure: Any = None
     patched_add_handler: Any = None
-    hardened: weakref.WeakSet[BaseCallbackHandler] = field(default_factory=weakref.WeakSet)
+    hardened: dict[int, weakref.ref[BaseCallbackHandler]] = field(default_factory=dict)
+    refused: dict[int, weakref.ref[Any]] = field(default_factory=dict)
+
+    def track(self, handler: BaseCallbackHandler) -> None:
+        """Remember ``handler`` for ``uninstall``, by identity (it may be unhashable)."""
+        _remember(self.hardened, handler)
+
+    def handlers(self) -> list[BaseCallbackHandler]:
+        return [h for h in (ref() for ref in list(self.hardened.values())) if h is not None]
 
     def options_for(self, cls: type) -> Options:
         for klass in cls.__mro__:
@@ -55,11 +69,40 @@ class _Installed:
 
 _lock = fork_safe(threading.RLock())
 _installed: _Installed | None = None
+_not_hardened = 0
+_warned: set[str] = set()
+
+
+def not_hardened() -> int:
+    """How many handlers ``install()`` met but could not harden (they ran bare)."""
+    return _not_hardened
+
+
+def _remember(where: dict[int, weakref.ref[Any]], handler: Any) -> None:
+    key = id(handler)
+
+    def forget(ref: weakref.ref[Any]) -> None:
+        if where.get(key) is ref:
+            del where[key]
+
+    where[key] = weakref.ref(handler, forget)
 
 
 def _harden(handler: Any) -> None:
     state = _installed
-    if state is None or not isinstance(handler, BaseCallbackHandler):
+    if state is None:
+        return
+    found = state.refused.get(id(handler))
+    if found is not None and found() is handler:
+        return  # met again (every manager of a run meets it): counted and logged once
+    try:
+        _harden_tracked(state, handler)
+    except Exception as exc:  # never into the run: the handler stays bare
+        _leave_bare(state, handler, exc)
+
+
+def _harden_tracked(state: _Installed, handler: Any) -> None:
+    if not isinstance(handler, BaseCallbackHandler):
         return
     if isinstance(handler, _Hardened) or is_plumbing(type(handler)):
         return
@@ -67,7 +110,26 @@ def _harden(handler: Any) -> None:
         if isinstance(handler, _Hardened):
             return
         harden_in_place(handler, state.options_for(type(handler)))
-        state.hardened.add(handler)
+        state.track(handler)  # untracked, uninstall could not give its class back
+
+
+def _leave_bare(state: _Installed, handler: Any, exc: Exception) -> None:
+    global _not_hardened
+    with _lock:
+        _give_class_back(handler)
+        with contextlib.suppress(TypeError):  # not weakly referable: met as new each time
+            _remember(state.refused, handler)
+        _not_hardened += 1
+        name = dotted_name(type(handler))
+        first = name not in _warned
+        _warned.add(name)
+    if first:
+        _logs.logger().warning(
+            "install_could_not_harden",
+            handler=name,
+            error=f"{type(exc).__qualname__}: {exc}",
+            consequence="this handler runs bare: its failures and stalls reach the run",
+        )
 
 
 def _harden_manager(manager: Any) -> None:
@@ -211,20 +273,26 @@ def uninstall(timeout: float = 5.0) -> None:
             _compat.set_configure_function(state.configure)
         if BaseCallbackManager.__dict__.get("add_handler") is state.patched_add_handler:
             BaseCallbackManager.add_handler = state.add_handler  # type: ignore[method-assign]
-        handlers = list(state.hardened)
+        handlers = state.handlers()
     for handler in handlers:
         _restore(handler, timeout)
 
 
 def _restore(handler: Any, timeout: float) -> None:
-    original = getattr(type(handler), "_sc_wrapped_class", None)
-    if original is None:
+    if getattr(type(handler), "_sc_wrapped_class", None) is None:
         return
     if _compat.get_running_loop() is None:
         engine_of(handler).flush(timeout)  # best effort: what is still pending is delivered
         # by the engine anyway, which calls the handler's own hooks, not its class's
-    try:
-        handler.__class__ = original
+    _give_class_back(handler)
+
+
+def _give_class_back(handler: Any) -> None:
+    original = getattr(type(handler), "_sc_wrapped_class", None)
+    if original is None:
+        return
+    try:  # past the class's own __setattr__ (a frozen dataclass refuses any assignment)
+        object.__setattr__(handler, "__class__", original)
     except TypeError:  # pragma: no cover - same layout by construction
         return
     handler.__dict__.pop("_sc_engine", None)

@@ -89,6 +89,40 @@ class Batch:
         return len(self.durations)
 
 
+def fit_pending(
+    queued: Mapping[str, int], rows: Mapping[str, list[int]], pending: int
+) -> dict[str, int]:
+    """Pending per hook, summing to ``pending`` (the emitted count less the outcomes).
+
+    The counters are exact; the queues are read a moment before them, without
+    the consumers' help, so an event may be seen both queued and delivered (one
+    a worker just took) or not at all (one emitted since, or in a worker's
+    hands). The queues' view is fitted to the counters' so that a snapshot's
+    totals are the sums of its rows: extra events are taken from the hooks with
+    most waiting, missing ones given to the busiest hook. Knowing no hook at
+    all (the first events), nothing is pending yet.
+    """
+    found = {hook: count for hook, count in queued.items() if count > 0}
+    excess = sum(found.values()) - pending
+    while excess > 0:
+        hook = max(sorted(found), key=found.__getitem__)
+        taken = min(found[hook], excess)
+        found[hook] -= taken
+        excess -= taken
+        if not found[hook]:
+            del found[hook]
+    if excess < 0 and (found or rows):
+        hook = _busiest(found, rows)
+        found[hook] = found.get(hook, 0) - excess
+    return found
+
+
+def _busiest(found: Mapping[str, int], rows: Mapping[str, list[int]]) -> str:
+    return max(
+        sorted({*found, *rows}), key=lambda hook: (found.get(hook, 0), sum(rows.get(hook, ())))
+    )
+
+
 class Observer:
     """Counts, timings, breaker and logs of one hardened handler.
 
@@ -407,12 +441,13 @@ class Observer:
             duration = self._duration.summary()
             lag = self._lag.summary()
             breaker = self.breaker.state if self.breaker.threshold is not None else "disabled"
-        emitted = count_value(self.emitted) + inline_events
         totals = [sum(row[column] for row in rows.values()) for column in range(len(_EMPTY_ROW))]
+        counted = count_value(self.emitted) + inline_events  # read last: it covers the rows
+        pending = fit_pending(queued, rows, max(counted - sum(totals), 0))
         per_hook = {}
-        for hook in set(rows) | set(queued):
+        for hook in set(rows) | set(pending):
             row = rows.get(hook, list(_EMPTY_ROW))
-            waiting = queued.get(hook, 0)
+            waiting = pending.get(hook, 0)
             per_hook[hook] = HookStats(
                 emitted=sum(row) + waiting,
                 delivered=row[_DELIVERED],
@@ -425,12 +460,12 @@ class Observer:
             handler=self.name,
             mode=mode,
             mode_reason=mode_reason,
-            emitted=emitted,
+            emitted=sum(totals) + sum(pending.values()),
             delivered=totals[_DELIVERED],
             failed=totals[_FAILED],
             dropped=totals[_DROPPED],
             skipped=totals[_SKIPPED],
-            pending=max(emitted - sum(totals), 0),
+            pending=sum(pending.values()),
             hooks=MappingProxyType(per_hook),
             errors=MappingProxyType(errors),
             handler_time=duration,

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import structlog
+from langchain_core.callbacks import BaseCallbackHandler
 
 import safecallbacks
-from safecallbacks import harden
+from safecallbacks import SafeHandler, harden
 from safecallbacks.testing import (
     AsyncRecordingHandler,
     BlockingHandler,
@@ -88,3 +89,65 @@ def test_max_queue_bound_is_exact_for_one_emitting_thread() -> None:
     finally:
         handler.release()
     assert safecallbacks.flush(handler, 5.0)
+
+
+class InstanceHook(BaseCallbackHandler):
+    """Sets its hook on the instance: LangChain calls that, never the class's."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.on_llm_new_token = self._write
+
+    def _write(self, token: str, **kwargs: Any) -> None:
+        self.written.append(token)
+
+
+def test_harden_refuses_a_hook_set_on_the_instance_naming_it() -> None:
+    handler = InstanceHook()
+    with pytest.raises(TypeError, match=r"InstanceHook\.on_llm_new_token is set on the instance"):
+        harden(handler)
+    assert type(handler) is InstanceHook  # left as it was
+
+
+class OnAttributes(BaseCallbackHandler):
+    """``on_*`` attributes that are not hooks: a callback of its own, a count."""
+
+    def __init__(self) -> None:
+        self.on_done = lambda: None
+        self.on_llm_new_token_count = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.on_llm_new_token_count += 1
+
+
+def test_on_attributes_that_are_not_hooks_do_not_stop_hardening() -> None:
+    handler = harden(OnAttributes(), mode="offload")
+    list(fake_chat_model(3).stream("hi", config={"callbacks": [handler]}))
+    assert safecallbacks.flush(handler, 5.0) and handler.on_llm_new_token_count == 5
+
+
+class SafeInstanceHook(SafeHandler):
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.on_llm_new_token = self._write
+
+    def _write(self, token: str, **kwargs: Any) -> None:
+        self.written.append(token)
+
+
+def test_harden_refuses_a_hardened_class_instance_that_set_a_hook_on_itself() -> None:
+    with pytest.raises(TypeError, match=r"SafeInstanceHook\.on_llm_new_token is set on the"):
+        harden(SafeInstanceHook())
+
+
+def test_install_leaves_a_handler_with_an_instance_hook_bare_and_says_why() -> None:
+    handler = InstanceHook()
+    safecallbacks.install()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            chunks = list(fake_chat_model(3).stream("hi", config={"callbacks": [handler]}))
+    finally:
+        safecallbacks.uninstall()
+    assert len(chunks) == 5 and type(handler) is InstanceHook and len(handler.written) == 5
+    said = [entry for entry in logs if entry["event"] == "install_could_not_harden"]
+    assert len(said) == 1 and "on_llm_new_token is set on the instance" in said[0]["error"]

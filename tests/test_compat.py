@@ -80,6 +80,20 @@ def test_constructing_self_finds_the_method_owner() -> None:
     assert _compat.constructing_self(depth=0) is None  # a test function has no self
 
 
+class Copier:
+    def copy_with_metadata_defaults(self) -> object:
+        return _compat.copying_self(depth=0)
+
+    def for_request(self) -> object:
+        return _compat.copying_self(depth=0)
+
+
+def test_copying_self_finds_only_a_copying_methods_owner() -> None:
+    copier = Copier()
+    assert copier.copy_with_metadata_defaults() is copier
+    assert copier.for_request() is None
+
+
 def test_get_running_loop_is_none_outside_a_loop() -> None:
     assert _compat.get_running_loop() is None
     assert asyncio.run(_loop_inside()) is True

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManager
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig, RunnableLambda
+from pydantic import BaseModel
 
 import safecallbacks
-from safecallbacks import _compat
+from safecallbacks import _compat, _install
 from safecallbacks.testing import RecordingHandler, fake_chat_model
 
 try:  # langchain-core >= 0.3.49
@@ -161,3 +164,86 @@ def test_an_installed_handler_can_no_longer_end_the_stream(installed: None) -> N
     assert len(chunks) == 19
     assert safecallbacks.flush(handler, 5.0)
     assert safecallbacks.stats(handler).failed == 19
+
+
+@dataclasses.dataclass
+class DataclassHandler(BaseCallbackHandler):
+    tokens: int = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenHandler(BaseCallbackHandler):
+    seen: list[str] = dataclasses.field(default_factory=list)
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.seen.append(token)
+
+
+class PydanticHandler(BaseModel, BaseCallbackHandler):
+    tokens: int = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += 1
+
+
+class UnhashableHandler(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash for you")
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += 1
+
+
+def tokens_of(handler: Any) -> int:
+    return len(handler.seen) if isinstance(handler, FrozenHandler) else int(handler.tokens)
+
+
+@pytest.mark.parametrize(
+    "make", [DataclassHandler, FrozenHandler, PydanticHandler, UnhashableHandler]
+)
+def test_install_never_kills_a_run_whatever_the_handler_class(
+    installed: None, make: Callable[[], BaseCallbackHandler]
+) -> None:
+    handler = make()
+    chunks = list(fake_chat_model(5).stream("hi", config={"callbacks": [handler]}))
+    assert len(chunks) == 9
+    assert safecallbacks.flush(handler, 5.0)
+    assert tokens_of(handler) == 9
+    assert safecallbacks.stats(handler).delivered == 9
+
+
+class Sealed(BaseCallbackHandler):
+    """A class that refuses subclasses: it cannot be hardened."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("Sealed cannot be subclassed")
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += 1
+
+
+def test_a_handler_that_cannot_be_hardened_stays_bare_logged_once_and_counted(
+    installed: None,
+) -> None:
+    before = _install.not_hardened()
+    handlers = [Sealed(), Sealed()]
+    with structlog.testing.capture_logs() as logs:
+        for handler in handlers:
+            chunks = list(fake_chat_model(5).stream("hi", config={"callbacks": [handler]}))
+            assert len(chunks) == 9
+    assert [type(handler) for handler in handlers] == [Sealed, Sealed]
+    assert [handler.tokens for handler in handlers] == [9, 9]
+    assert _install.not_hardened() - before == 2
+    warnings = [line for line in logs if line["event"] == "install_could_not_harden"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert warnings[0]["handler"].endswith("Sealed")
+    assert "Sealed cannot be subclassed" in warnings[0]["error"]

@@ -204,6 +204,32 @@ def test_a_copy_made_by_the_handlers_own_method_is_hardened_and_joins_its_family
     assert safecallbacks.stats(original).delivered == 1
 
 
+class PerRequest(BaseCallbackHandler):
+    """Builds a fresh handler per request from one it holds: not a copy of itself."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def for_request(self) -> PerRequest:
+        return type(self)()
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+def test_a_handler_a_method_builds_fresh_is_its_own_not_its_makers_copy() -> None:
+    maker = harden(PerRequest(), mode="offload")
+    made = maker.for_request()
+    assert type(made) is type(maker) and made.tokens == []
+    safecallbacks.close(maker, 5.0)
+    for _ in range(2):  # closing the maker must not close it: nothing is dropped
+        list(fake_chat_model(5).stream("hi", config={"callbacks": [made]}))
+    assert safecallbacks.flush(made, 5.0) and len(made.tokens) == 18
+    made_stats, maker_stats = safecallbacks.stats(made), safecallbacks.stats(maker)
+    assert (made_stats.closed, made_stats.delivered, made_stats.dropped) == (False, 18, 0)
+    assert (maker_stats.emitted, maker_stats.delivered) == (0, 0)  # not counted as the maker's
+
+
 def test_langchain_tracer_copies_stay_hardened() -> None:
     from langchain_core.tracers import LangChainTracer
     from langsmith import Client
@@ -1045,3 +1071,28 @@ def test_a_fork_while_another_thread_holds_a_package_lock_leaves_the_child_worki
 ) -> None:
     result = run_reporting(tmp_path, FORK_WHILE_LOCKED)
     assert result["child_exit"] == 0, result
+
+
+class SeesLater(BaseCallbackHandler):
+    """Reads the first chunk only once the consumer has had it (README: by reference)."""
+
+    def __init__(self) -> None:
+        self.mutated = threading.Event()
+        self.seen: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        if not self.seen:
+            self.mutated.wait(5.0)
+        self.seen.append(str(kwargs["chunk"].message.content))
+
+
+def test_an_offloaded_handler_receives_payloads_by_reference_as_the_readme_says() -> None:
+    handler = harden(SeesLater(), mode="offload")
+    for index, message in enumerate(
+        fake_chat_model(3).stream("hi", config={"callbacks": [handler]})
+    ):
+        if index == 0:
+            message.content = "changed by the consumer"
+            handler.mutated.set()
+    assert safecallbacks.flush(handler, 5.0)
+    assert handler.seen[0] == "changed by the consumer"

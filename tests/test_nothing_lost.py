@@ -12,6 +12,7 @@ are dropped is exact, not statistical.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import sys
 import textwrap
@@ -1131,4 +1132,72 @@ def test_aclose_cutting_off_a_hung_async_delivery_is_a_drop_not_a_failure() -> N
     stats = safecallbacks.stats(handler)
     assert stats.failed == 0 and dict(stats.errors) == {}, stats
     assert stats.delivered == 0 and stats.dropped == stats.emitted == 9, stats
+    assert_accounted(stats)
+
+
+# --- hooks that are not plain functions ---------------------------------------------
+
+PARTIAL_SEEN: list[str] = []
+
+
+def _note(prefix: str, token: str, **kwargs: Any) -> None:
+    PARTIAL_SEEN.append(prefix + token)
+
+
+class PartialHook(BaseCallbackHandler):
+    on_llm_new_token = functools.partial(_note, "p:")  # called as LangChain calls it: unbound
+
+
+class CallableObject:
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def __call__(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+class CallableHook(BaseCallbackHandler):
+    on_llm_new_token = CallableObject()
+
+
+class BrokenDescriptor:
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self
+        raise RuntimeError("cannot resolve this hook")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:  # makes it a hook to LangChain
+        return None
+
+
+class BrokenHook(BaseCallbackHandler):
+    on_llm_new_token = BrokenDescriptor()
+
+
+@pytest.mark.parametrize("mode", ["offload", "inline"])
+def test_a_hook_that_is_not_a_function_is_delivered_as_bare_delivers_it(mode: str) -> None:
+    PARTIAL_SEEN.clear()
+    CallableHook.on_llm_new_token.tokens.clear()
+    bare = [PartialHook(), CallableHook()]
+    list(fake_chat_model(3).stream("hi", config={"callbacks": bare}))
+    expected = (list(PARTIAL_SEEN), list(CallableHook.on_llm_new_token.tokens))
+    assert len(expected[0]) == len(expected[1]) == 5
+    PARTIAL_SEEN.clear()
+    CallableHook.on_llm_new_token.tokens.clear()
+    hardened = [harden(PartialHook(), mode=mode), harden(CallableHook(), mode=mode)]
+    list(fake_chat_model(3).stream("hi", config={"callbacks": hardened}))
+    for handler in hardened:
+        assert safecallbacks.flush(handler, 5.0)
+        stats = safecallbacks.stats(handler)
+        assert (stats.delivered, stats.failed, stats.pending) == (5, 0, 0)
+    assert (PARTIAL_SEEN, CallableHook.on_llm_new_token.tokens) == expected
+
+
+@pytest.mark.parametrize("mode", ["offload", "inline"])
+def test_a_hook_that_cannot_be_resolved_counts_its_events_failed_never_lost(mode: str) -> None:
+    handler = harden(BrokenHook(), mode=mode)
+    list(fake_chat_model(3).stream("hi", config={"callbacks": [handler]}))
+    assert safecallbacks.flush(handler, 5.0)
+    stats = safecallbacks.stats(handler)
+    assert (stats.failed, stats.pending) == (5, 0)
     assert_accounted(stats)

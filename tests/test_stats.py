@@ -2,17 +2,24 @@
 
 Bucketing a value costs more than delivering a no-op event, so a large batch
 is bucketed from one value per equal slice (``strata``). These tests pin what
-stays exact and how close the sampled quantiles are.
+stays exact and how close the sampled quantiles are; and that a snapshot taken
+mid-stream is one snapshot: its totals are the sums of its per-hook rows.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from langchain_core.callbacks import BaseCallbackHandler
 
+import safecallbacks
+from safecallbacks import Stats
 from safecallbacks._stats import SAMPLES_PER_BATCH, Estimator, strata
+from safecallbacks.testing import fake_chat_model
 
 durations = st.floats(min_value=0.0, max_value=10.0, allow_nan=False)
 batches = st.lists(st.lists(durations, max_size=300), max_size=6)
@@ -67,3 +74,51 @@ def test_sampled_quantiles_of_large_batches_keep_the_shape_of_the_stream(size: i
     slow_weight = sum(count for index, count in estimator._buckets.items() if index > 150)
     slow_share = values.count(slow) / size
     assert abs(slow_weight / estimator.count - slow_share) < 0.03
+
+
+class Busy(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += sum(range(200))  # a little work, so the queue is rarely empty
+
+
+def disagreements(stats: Stats) -> list[str]:
+    rows = stats.hooks.values()
+    found = []
+    for column in ("emitted", "delivered", "failed", "dropped", "skipped", "pending"):
+        total, summed = getattr(stats, column), sum(getattr(row, column) for row in rows)
+        if total != summed:
+            found.append(f"{column}: total {total}, rows {summed}")
+    outcomes = stats.delivered + stats.failed + stats.dropped + stats.skipped
+    if stats.emitted != outcomes + stats.pending:
+        found.append(f"emitted {stats.emitted} != outcomes {outcomes} + pending {stats.pending}")
+    return found
+
+
+def test_a_snapshot_taken_mid_stream_has_totals_equal_to_its_rows() -> None:
+    handler = safecallbacks.harden(Busy(), mode="offload")
+    done = threading.Event()
+
+    def stream() -> None:
+        try:
+            for _ in range(30):
+                list(fake_chat_model(40).stream("hi", config={"callbacks": [handler]}))
+        finally:
+            done.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    bad: list[list[str]] = []
+    snapshots = 0
+    while not done.is_set():
+        snapshots += 1
+        found = disagreements(safecallbacks.stats(handler))
+        if found:
+            bad.append(found)
+    streamer.join(30.0)
+    assert safecallbacks.flush(handler, 5.0)
+    assert disagreements(safecallbacks.stats(handler)) == []
+    assert snapshots > 10
+    assert bad == [], f"{len(bad)} of {snapshots} snapshots disagree, first: {bad[:3]}"

@@ -485,3 +485,24 @@ def test_an_offloaded_stop_that_arrives_after_the_run_is_counted_too_late() -> N
     stats = handler.stats()
     assert stats.stops_too_late == 1, stats
     assert _fast_path_on(handler)
+
+
+class StreamingFake(PacedFakeChatModel):
+    streaming: bool = True  # ainvoke streams, so on_llm_new_token is called
+
+
+class StopAtOnce(BaseCallbackHandler):
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        raise StopStream("enough")
+
+
+async def test_ainvoke_turns_a_stop_into_an_attribute_error_as_the_readme_says() -> None:
+    # Pins langchain-core's agenerate (README: "use astream"); if this starts to fail,
+    # a stop reaches ainvoke as it is and the README's advice can go.
+    model = StreamingFake(tokens=TOKENS[:5], interval=0.0)
+    with pytest.raises(AttributeError, match="'StopStream' object has no attribute"):
+        await model.ainvoke("hi", config={"callbacks": [harden(StopAtOnce(), mode="inline")]})
+    stopper = harden(StopAtOnce(), mode="inline")
+    with pytest.raises(StopStream):
+        async for _ in model.astream("hi", config={"callbacks": [stopper]}):
+            pass
