@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import inspect
 import operator
 import threading
@@ -68,8 +69,44 @@ def _is_guarded(value: Any) -> bool:
     return isinstance(value, property) and getattr(value.fget, "_sc_flag", False)
 
 
+def _checking_init(cls: type, init: Any) -> Any:
+    """``init`` followed by the check ``harden()`` makes: no hook set on the instance.
+
+    A class hardened as a whole (``SafeHandler``, ``harden(SomeClass)``) has its
+    engine before ``__init__`` runs; a hook that ``__init__`` sets on the instance
+    would be what LangChain calls, unhardened, so construction refuses it.
+    """
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        found = hooks_on_instance(self)
+        if found:
+            raise instance_hooks_error(self, found)
+
+    __init__._sc_checks = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _check_instance_hooks_after_init(cls: type) -> None:
+    init = cls.__dict__.get("__init__")
+    if init is None:  # a made class: check after the init it inherits
+        base_init = getattr(cls.__mro__[1], "__init__")  # noqa: B009 - no instance here
+        made: Any = cls
+
+        def inherited(self: Any, *args: Any, **kwargs: Any) -> None:
+            super(made, self).__init__(*args, **kwargs)
+
+        functools.update_wrapper(inherited, base_init)
+        init = inherited
+    elif getattr(init, "_sc_checks", False) or not callable(init):
+        return
+    type.__setattr__(cls, "__init__", _checking_init(cls, init))
+
+
 def harden_class_body(cls: type) -> None:
     """Give ``cls`` a recorder for every hook it implements, its own or inherited."""
+    _check_instance_hooks_after_init(cls)
     originals: dict[str, Any] = {}
     for hook, value in implemented_hooks(cls, look_past=is_settler).items():
         if getattr(value, "_sc_owner", None) is not None:

@@ -135,9 +135,16 @@ class SafeInstanceHook(SafeHandler):
         self.written.append(token)
 
 
-def test_harden_refuses_a_hardened_class_instance_that_set_a_hook_on_itself() -> None:
+def test_a_hardened_class_refuses_an_instance_that_sets_a_hook_on_itself() -> None:
+    # Its engine exists before __init__ runs: construction itself refuses it.
     with pytest.raises(TypeError, match=r"SafeInstanceHook\.on_llm_new_token is set on the"):
-        harden(SafeInstanceHook())
+        SafeInstanceHook()
+    made = harden(InstanceHook)
+    with pytest.raises(TypeError, match=r"InstanceHook\.on_llm_new_token is set on the"):
+        made()
+    handler = harden(OnAttributes)()  # on_* attributes that are not hooks are fine
+    list(fake_chat_model(3).stream("hi", config={"callbacks": [handler]}))
+    assert safecallbacks.flush(handler, 5.0)
 
 
 def test_install_leaves_a_handler_with_an_instance_hook_bare_and_says_why() -> None:
