@@ -41,14 +41,13 @@ from ._loops import LoopLane, background_loop
 from ._observe import Batch, Observer
 from ._options import Options
 from ._queue import Barrier, Item, Lane, await_settled, inside_delivery, wait_settled
+from ._revisions import Revisions
 from ._stats import Stats, merge_stats
 from ._stopping import StopMarks, StopStream
 from ._workers import ThreadLane
 from ._workers import forget as forget_thread_lane
-from ._workers import pool as pool_of_lanes
 
 _copy_context = contextvars.copy_context
-PARK_CHECK_SECONDS = 0.005  # how often a settling caller looks for a parked lane
 _now = time.monotonic
 
 
@@ -79,7 +78,7 @@ class Unbound:
         return (Unbound, (self.options, None))
 
 
-class Engine:
+class Engine(Revisions):
     """The engine behind one hardened handler: lanes, inline calls, flush, close, stats.
 
     A handler LangChain copies (``copy_with_metadata_defaults``, ``copy.copy``)
@@ -220,76 +219,6 @@ class Engine:
         lane: Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
         lane.put((hook, args, kwargs, _copy_context(), _now(), loop))
 
-    # --- auto's revisions ---------------------------------------------------------
-
-    def request_mode(self, mode: str, reason: str, trial: bool = False) -> None:
-        """Ask to move to ``mode`` once what is queued has been delivered (any thread)."""
-        if self.options.mode != mode and not self.closed:
-            self.wanted_mode = (mode, reason, trial)
-            self._refresh_fast_lane()  # recorders now pass through record(), which moves
-
-    def refresh(self) -> None:
-        self._refresh_fast_lane()
-
-    def _move_when_ready(self) -> None:
-        """Make the move auto asked for, once nothing queued can be overtaken."""
-        if self._thread_lane.parked:
-            self.take_over()
-        elif all(not lane.queue and lane.inflight is None for lane in self.lanes()):
-            wanted, self.wanted_mode = self.wanted_mode, None
-            if wanted is not None:
-                self.switch_mode(wanted[0], wanted[1])
-
-    def take_over(self) -> None:
-        """Deliver a parked lane's events here, on the caller's thread, then stay inline.
-
-        A worker parks the lane when a hook failed there in a way that may be
-        thread-bound; the first event delivered here is the trial.
-        """
-        lane = self._thread_lane
-        wanted = self.wanted_mode
-        if wanted is None or not pool_of_lanes().claim(lane):
-            return
-        self.wanted_mode = None
-        self.switch_mode(wanted[0], wanted[1])
-        try:
-            while lane.queue:
-                entry = lane.queue.popleft()
-                if isinstance(entry, Barrier):
-                    lane.took_barrier(entry)
-                    continue
-                hook, args, kwargs, context, _, _ = entry
-                error = context.run(self.inline.call, hook, args, kwargs)
-                if self.adapt.trial:
-                    self.adapt.trial_result(hook, error)
-                    if self.options.mode != "inline":
-                        break  # it fails here too: the rest goes back to the workers
-        finally:
-            pool_of_lanes().release(lane)
-
-    def switch_mode(self, mode: str, reason: str) -> None:
-        """Deliver from now on in ``mode`` (logged once per move, shown in stats)."""
-        from dataclasses import replace
-
-        if self.options.mode == mode:
-            return
-        previous = self.options.mode
-        self.options = replace(self.options, mode=mode)  # type: ignore[arg-type]
-        self.mode_reason = reason
-        self.awaited_hooks = self._awaited_hooks(*self._hook_sets)
-        if mode == "inline":
-            self.adapt.now_inline(self.options.stall_threshold)
-        self._refresh_fast_lane()
-        self.observer.announce_once(
-            f"mode:{previous}->{mode}", "mode_changed", previous=previous, mode=mode, reason=reason
-        )
-
-    def check_stall(self, hook: str, started: float) -> None:
-        """After an inline call: moved off the token path if it blocked the caller too long."""
-        took = _now() - started
-        if took > self.adapt.stall_limit:
-            self.adapt.stalled(hook, took)
-
     async def adeliver(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """What LangChain's async manager awaits for a hook in ``awaited_hooks``."""
         if self.options.mode == "inline":
@@ -331,17 +260,6 @@ class Engine:
                 settled = wait_settled(lane, barrier, deadline)
             if not settled:
                 lane.settle_gave_up = lane.busy_since
-
-    def _settle_or_take_over(self, barrier: Barrier, deadline: float) -> bool:
-        """Wait in short slices: should a worker park the lane meanwhile, this caller's
-        thread is where its events belong, and it delivers them itself."""
-        lane = self._thread_lane
-        while not wait_settled(lane, barrier, min(deadline, _now() + PARK_CHECK_SECONDS)):
-            if lane.parked and self.wanted_mode is not None:
-                self.take_over()
-            elif _now() >= deadline:
-                return False
-        return True
 
     async def asettle(self) -> None:
         """``settle_now`` for async emitters: waits without blocking the loop."""
