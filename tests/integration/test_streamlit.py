@@ -115,6 +115,17 @@ def run_page(
 # -- the comparisons --------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def main_module_kept() -> Iterator[None]:
+    """Streamlit runs each script as ``__main__`` and leaves it there; later tests (a spawned
+    process re-imports ``__main__``) need the real one back."""
+    import sys
+
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="module")
 def bare_pages() -> dict[tuple[str, str], dict[str, Any]]:
     """Bare recordings, one per (kind, method), made on first use."""
