@@ -160,6 +160,7 @@ class Lane:
         self.high_water = 0
         self.busy_since: float | None = None
         self.inflight: str | None = None
+        self.cut_off = False  # a delivery was cut off by its loop's shutdown (loop lanes)
         # The busy_since of a delivery a root run's end already waited for in vain: the
         # same hung delivery never costs a second wait.
         self.settle_gave_up: float | None = None

@@ -1201,3 +1201,33 @@ def test_a_hook_that_cannot_be_resolved_counts_its_events_failed_never_lost(mode
     stats = safecallbacks.stats(handler)
     assert (stats.failed, stats.pending) == (5, 0)
     assert_accounted(stats)
+
+
+class SleepsAsync(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0.002)
+        self.tokens.append(token)
+
+
+async def stream_and_return(handler: Any, emitted: list[str]) -> None:
+    async for chunk in fake_chat_model(20).astream("hi", config={"callbacks": [handler]}):
+        emitted.append(str(chunk.content))
+    # Returning without aflush(): asyncio.run cancels the consumer mid-delivery.
+
+
+@pytest.mark.timeout(120)
+def test_asyncio_run_ending_mid_delivery_leaves_no_hole_in_the_sequence() -> None:
+    holes = 0
+    for _ in range(24):
+        handler = SleepsAsync()
+        safe = harden(handler, exit_timeout=1.0, breaker=None, settle=0)
+        emitted: list[str] = []
+        asyncio.run(stream_and_return(safe, emitted))
+        stats = safe.stats()
+        assert stats.pending == 0, stats
+        assert stats.delivered + stats.failed + stats.dropped == stats.emitted, stats
+        holes += handler.tokens != emitted[: len(handler.tokens)]
+    assert holes == 0, f"{holes} of 24 runs delivered tokens after a dropped one"
