@@ -493,7 +493,8 @@ class Engine:
         self, lane: Lane, item: Item, batch: Batch, suspended: Suspended, started: float
     ) -> None:
         try:
-            error = await drive_rest(suspended, item[3], self.options.timeout)
+            options = self.options
+            error = await drive_rest(suspended, item[3], options.timeout, options.exit_timeout)
         except asyncio.CancelledError:
             # The consumer itself is being cancelled (its loop is shutting down, or the
             # exit budget ran out): the handler did not fail, the event was cut off.
