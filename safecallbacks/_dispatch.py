@@ -411,11 +411,13 @@ class Engine(Revisions):
         self, lane: Lane, item: Item, batch: Batch, suspended: Suspended, started: float
     ) -> None:
         try:
-            error = await drive_rest(suspended, item[3], self.options.timeout)
+            options = self.options
+            error = await drive_rest(suspended, item[3], options.timeout, options.exit_timeout)
         except asyncio.CancelledError:
             # The consumer itself is being cancelled (its loop is shutting down, or the
             # exit budget ran out): the handler did not fail, the event was cut off.
             lane.busy_since, lane.inflight = None, None
+            lane.cut_off = True  # what is queued behind it is dropped too: never a hole
             self.observer.dropped(item[0], reason="shutdown")
             raise
         # GeneratorExit here is never the handler's: the loop was closed with this

@@ -254,14 +254,21 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
             loop = _get_running_loop()
             lane = engine.fast_loop_lanes.get(loop)
         if lane is not None:
-            next(lane.emitted)
+            # Ctrl-C lands between two calls: every step that can be cut off comes before the
+            # count, and the count and the append cannot be told apart (Lane._count_and_append).
             item = (hook, args, kwargs, copy_context(), monotonic(), loop)
-            if len(lane.queue) >= lane.nudge_at:
+            queue = lane.queue
+            if len(queue) >= lane.nudge_at:
                 lane.overflow(item)
             else:
-                lane.queue.append(item)
+                try:  # costs nothing unless something is raised
+                    next(lane.emitted)
+                except BaseException:  # interrupted once counted: queued all the same
+                    queue.append(item)
+                    raise
+                queue.append(item)
                 if not lane.scheduled:
-                    lane.kick()
+                    lane.kick()  # an interrupt before it: the next event or flush kicks
         elif engine.inline_ready and not is_async:
             started = monotonic()
             try:

@@ -258,12 +258,16 @@ class _Drive:
     as it would for its own awaits.
     """
 
-    __slots__ = ("closing", "context", "coro", "first", "timed_out")
+    __slots__ = ("closing", "context", "coro", "cut_off", "first", "on_cut_off", "timed_out")
 
-    def __init__(self, coro: Any, first: Any, context: contextvars.Context) -> None:
+    def __init__(
+        self, coro: Any, first: Any, context: contextvars.Context, on_cut_off: Callable[[], None]
+    ) -> None:
         self.coro, self.first, self.context = coro, first, context
         self.timed_out = False
         self.closing = False  # the consumer itself is being closed (its loop is gone)
+        self.cut_off = False  # the consumer itself is being cancelled (its loop shuts down)
+        self.on_cut_off = on_cut_off
 
     def __await__(self) -> Any:
         coro, run = self.coro, self.context.run
@@ -282,6 +286,11 @@ class _Drive:
                     raise
                 if self.timed_out:
                     self._cancel_for_timeout(thrown)
+                elif not self.cut_off and own_task_is_cancelling():
+                    # A handler that swallows this would hold the shutdown for its whole
+                    # timeout: from here on it only has the exit budget.
+                    self.cut_off = True
+                    self.on_cut_off()
                 try:
                     value = run(coro.throw, thrown)
                 except StopIteration:
@@ -348,15 +357,16 @@ def first_step(
 
 
 async def drive_rest(
-    suspended: Suspended, context: contextvars.Context, timeout: float
+    suspended: Suspended, context: contextvars.Context, timeout: float, grace: float
 ) -> BaseException | None:
     """Step a suspended handler coroutine to its end within the current task.
 
     Past ``timeout`` the handler is closed and a ``TimeoutError`` returned.
     Cancelling the current task still cancels it: that cancellation is passed
-    into the handler, then re-raised.
+    into the handler, then re-raised; a handler that ignores it is closed after
+    ``grace`` seconds (the exit budget) and the cancellation re-raised all the same.
     """
-    drive = _Drive(suspended.coro, suspended.first, context)
+    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
 
@@ -364,11 +374,21 @@ async def drive_rest(
         drive.timed_out = True
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    timer = loop.call_later(timeout, expire)
+
+    def cut_off() -> None:
+        nonlocal timer
+        if timer.when() - loop.time() > grace:
+            timer.cancel()
+            timer = loop.call_later(grace, expire)
+
+    drive = _Drive(suspended.coro, suspended.first, context, cut_off)
     try:
         await drive
     except _Timeout:
         task.uncancel()
+        if drive.cut_off:
+            raise asyncio.CancelledError from None  # it was the consumer's shutdown all along
         return TimeoutError(f"async hook exceeded timeout={timeout}s")
     except asyncio.CancelledError as exc:
         if own_task_is_cancelling():

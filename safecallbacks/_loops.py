@@ -163,7 +163,10 @@ class LoopLane(Lane):
                 observer.commit(batch, self)
 
     async def _salvage(self) -> None:
-        deadline = _now() + self.engine.options.exit_timeout
+        # An event whose delivery the shutdown cut off is counted dropped: delivering the
+        # ones after it would leave a hole in the handler's sequence, so they go with it.
+        budget = 0.0 if self.cut_off else self.engine.options.exit_timeout
+        deadline = _now() + budget
         try:
             while self.queue and _now() < deadline:
                 entry = self.queue.popleft()
@@ -181,6 +184,7 @@ class LoopLane(Lane):
             pass
         finally:
             self.discard_all("loop_closed")
+            self.cut_off = False
             self.scheduled = False
 
     def reap_if_dead(self) -> None:

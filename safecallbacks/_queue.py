@@ -160,6 +160,7 @@ class Lane:
         self.high_water = 0
         self.busy_since: float | None = None
         self.inflight: str | None = None
+        self.cut_off = False  # a delivery was cut off by its loop's shutdown (loop lanes)
         # The busy_since of a delivery a root run's end already waited for in vain: the
         # same hung delivery never costs a second wait.
         self.settle_gave_up: float | None = None
@@ -183,17 +184,32 @@ class Lane:
             self.kick()
 
     def overflow(self, item: Item) -> None:
-        """The slow half of ``put``, for recorders that found the queue long or full."""
+        """The slow half of ``put``, for recorders that found the queue long or full.
+
+        Counts the event as emitted (the recorder's fast path leaves that to it).
+        """
         if len(self.queue) < self.max_queue:
-            self.queue.append(item)
-            if not self.scheduled:
-                self.kick()
+            self._count_and_append(item)
             self.nudge()
             return
+        next(self.emitted)  # before its drop may be counted: pending never goes negative
         if self._make_room(item):
             self.queue.append(item)
             if not self.scheduled:
                 self.kick()
+
+    def _count_and_append(self, item: Item) -> None:
+        """Ctrl-C lands between two calls: right after the count, the event is queued
+        all the same, so an interrupt leaves it counted and queued, or neither."""
+        queue = self.queue
+        try:
+            next(self.emitted)
+        except BaseException:
+            queue.append(item)
+            raise
+        queue.append(item)
+        if not self.scheduled:
+            self.kick()  # an interrupt before it: the next event or flush kicks
 
     def put_barrier(self, barrier: Barrier) -> None:
         next(self._barriers_in)

@@ -219,15 +219,25 @@ class Pool:
         with self.lock:
             if lane.scheduled:
                 return
-            lane.scheduled = True
-            self._make_ready(lane, _now())
+            # Ctrl-C lands between two calls: what may be cut off comes first, and the
+            # lane is marked scheduled and made ready with no call in between.
             self._ensure_watchdog()
+            lane.ready_at = _now()
+            lane.scheduled = True
+            self.ready.append(lane)
+            if self.idle:
+                self.cond.notify()  # cut off: the watchdog notifies at its next poll
 
     def wake(self, lane: ThreadLane) -> None:
         """A lingering lane with a backlog: ready now, not at the next poll."""
         with self.lock:
-            if self.lingering.pop(lane, None) is not None:
-                self._make_ready(lane, _now())
+            if lane in self.lingering:
+                # No call between leaving the lingering set and joining the ready queue.
+                lane.ready_at = _now()
+                del self.lingering[lane]
+                self.ready.append(lane)
+                if self.idle:
+                    self.cond.notify()
 
     def claim(self, lane: ThreadLane) -> bool:
         """Emitter side: take a parked lane over (False if it was already let go)."""
@@ -367,6 +377,8 @@ class Pool:
                 if lane.queue:  # an event slipped in before the flag dropped
                     lane.scheduled = True
                     self._make_ready(lane, now)
+        if self.ready and self.idle:
+            self.cond.notify()  # an emitter interrupted (Ctrl-C) before it notified
         waited = now - self.ready[0].ready_at if self.ready else 0.0
         if (
             self.ready

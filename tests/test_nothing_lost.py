@@ -38,7 +38,7 @@ from langchain_core.callbacks import (
 from langchain_core.messages import HumanMessage
 
 import safecallbacks
-from safecallbacks import harden
+from safecallbacks import _hardened, _workers, harden
 from safecallbacks._hardened import engine_of
 from safecallbacks._queue import Barrier
 from safecallbacks.testing import (
@@ -1201,3 +1201,87 @@ def test_a_hook_that_cannot_be_resolved_counts_its_events_failed_never_lost(mode
     stats = safecallbacks.stats(handler)
     assert (stats.failed, stats.pending) == (5, 0)
     assert_accounted(stats)
+
+
+class SleepsAsync(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0.002)
+        self.tokens.append(token)
+
+
+async def stream_and_return(handler: Any, emitted: list[str]) -> None:
+    async for chunk in fake_chat_model(20).astream("hi", config={"callbacks": [handler]}):
+        emitted.append(str(chunk.content))
+    # Returning without aflush(): asyncio.run cancels the consumer mid-delivery.
+
+
+@pytest.mark.timeout(120)
+def test_asyncio_run_ending_mid_delivery_leaves_no_hole_in_the_sequence() -> None:
+    holes = 0
+    for _ in range(24):
+        handler = SleepsAsync()
+        safe = harden(handler, exit_timeout=1.0, breaker=None, settle=0)
+        emitted: list[str] = []
+        asyncio.run(stream_and_return(safe, emitted))
+        stats = safe.stats()
+        assert stats.pending == 0, stats
+        assert stats.delivered + stats.failed + stats.dropped == stats.emitted, stats
+        holes += handler.tokens != emitted[: len(handler.tokens)]
+    assert holes == 0, f"{holes} of 24 runs delivered tokens after a dropped one"
+
+
+# --- Ctrl-C while emitting ---------------------------------------------------------------
+
+
+def interrupting_once(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step``, then a KeyboardInterrupt as if Ctrl-C landed right after it (main thread)."""
+    armed = [True]
+
+    def interrupted(*args: Any) -> Any:
+        result = step(*args)
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = False
+            raise KeyboardInterrupt
+        return result
+
+    return interrupted
+
+
+class CountsThenInterrupted:
+    """Stands in for a lane's ``emitted`` counter: counts, then Ctrl-C lands."""
+
+    def __init__(self, counter: Any) -> None:
+        self.step = interrupting_once(lambda: next(counter))
+
+    def __next__(self) -> int:
+        return int(self.step())
+
+
+@pytest.mark.parametrize("where", ["counting", "stamping", "scheduling"])
+def test_ctrl_c_while_emitting_never_wedges_a_handler(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = RecordingHandler()
+    safe = harden(handler, mode="offload", settle=0, breaker=None)
+    run_id = uuid.uuid4()
+    safe.on_llm_new_token("first", run_id=run_id)
+    assert safe.flush(5)
+    lane = engine_of(safe).fast_lane
+    assert lane is not None
+    assert wait_until(lambda: not lane.scheduled)  # idle: the next event schedules it
+    if where == "counting":
+        monkeypatch.setattr(lane, "emitted", CountsThenInterrupted(lane.emitted))
+    elif where == "stamping":
+        monkeypatch.setattr(_hardened, "monotonic", interrupting_once(time.monotonic))
+    else:
+        monkeypatch.setattr(_workers, "_now", interrupting_once(time.monotonic))
+    with pytest.raises(KeyboardInterrupt):
+        safe.on_llm_new_token("interrupted", run_id=run_id)
+    monkeypatch.undo()
+    safe.on_llm_new_token("after", run_id=run_id)
+    assert safe.flush(2), f"the lane is wedged: {safe.stats()!r}"
+    assert_accounted(safe.stats())
+    assert [token_of(c) for c in handler.calls][-1] == "after"

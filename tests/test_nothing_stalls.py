@@ -615,3 +615,35 @@ def test_flush_is_not_held_up_by_an_emitting_loop_that_closes_meanwhile() -> Non
     flusher.join(10)
     assert outcome.get("ok") is True, outcome
     assert outcome["took"] < 5.0 - 1.0, outcome
+
+
+class SwallowsCancellation(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)  # ignores being cancelled: its sink "must" finish
+
+
+async def stream_and_return(handler: Any) -> None:
+    async for _ in fake_chat_model(3).astream("hi", config={"callbacks": [handler]}):
+        pass
+    # Returning without aflush(): asyncio.run cancels the consumer mid-delivery.
+
+
+@pytest.mark.timeout(120)
+def test_a_hook_swallowing_cancellation_holds_loop_shutdown_only_for_the_exit_budget() -> None:
+    handler = SwallowsCancellation()
+    safe = harden(handler, mode="offload", exit_timeout=0.3, breaker=None, settle=0)
+    started = time.monotonic()
+    asyncio.run(stream_and_return(safe))
+    took = time.monotonic() - started
+    assert handler.entered.is_set()
+    assert took < 5.0, f"asyncio.run took {took:.1f}s to end (timeout=30s, exit_timeout=0.3s)"
+    stats = safe.stats()
+    assert stats.failed == 0 and stats.pending == 0, stats
+    assert stats.dropped == stats.emitted - stats.delivered > 0, stats
