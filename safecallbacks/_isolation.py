@@ -113,16 +113,15 @@ async def acall_hook(
     kwargs: Mapping[str, Any],
 ) -> Any:
     """The async twin of ``call_hook``: awaits whatever the hook returns."""
-    try:
-        result = resolve(hook)(*args, **kwargs)
-        return (await result) if inspect.isawaitable(result) else result
-    except NotImplementedError:
-        if not _llm_start_fallback_wanted(hook, target):
-            if hook != "on_chat_model_start":
-                raise
-            return None
-    llm_args, llm_kwargs = _as_llm_start(args, kwargs)
-    result = resolve("on_llm_start")(*llm_args, **llm_kwargs)
+    return await finish_awaitable(
+        _called(resolve, hook, args, kwargs), resolve, target, hook, args, kwargs
+    )
+
+
+async def _called(
+    resolve: Resolver, hook: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> Any:
+    result = resolve(hook)(*args, **kwargs)
     return (await result) if inspect.isawaitable(result) else result
 
 
@@ -134,8 +133,9 @@ async def finish_awaitable(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
 ) -> Any:
-    """Await what a hook returned; an ``on_chat_model_start`` coroutine that raises
-    ``NotImplementedError`` falls back to ``on_llm_start``, as LangChain's does."""
+    """Await what a hook returned; one that raises ``NotImplementedError`` (when called or
+    when awaited) as ``on_chat_model_start`` falls back to ``on_llm_start``, as LangChain's
+    does."""
     try:
         return await awaitable
     except NotImplementedError:
