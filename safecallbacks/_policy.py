@@ -8,9 +8,10 @@ hardened (nothing here runs on the token path). First match wins:
    stamp run times when a hook runs, and their SDKs export in the background;
 3. a hook that publishes context (sets a ``ContextVar``, makes a span current)
    runs inline: the code after it must see that context;
-4. handlers whose hooks all come from installed libraries run inline: a
-   library's handler is written for its caller's thread, context and timing
-   (tracing SDKs, usage collectors, UI frameworks' session-bound handlers);
+4. handlers whose hooks do an installed library's work (the library's own
+   handler, or an application subclass extending it through ``super()``) run
+   inline: a library's handler is written for its caller's thread, context and
+   timing (tracing SDKs, usage collectors, UI frameworks' session-bound handlers);
 5. the application's own handlers are offloaded: that is where hooks do
    blocking I/O of their own.
 
