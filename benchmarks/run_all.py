@@ -16,7 +16,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["hot_path", "paced_stream", "load", "memory", "settle"]
+SCRIPTS = ["hot_path", "paced_stream", "load", "memory", "settle", "shared_sink"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,10 +32,12 @@ from ._hardened import (
     make_engine,
     recorder_for,
     settler,
+    tracker,
 )
 from ._hooks import (
     END_HOOKS,
     IGNORE_FLAGS,
+    START_HOOKS,
     hooks_on_instance,
     implemented_hooks,
     instance_hooks_error,
@@ -120,6 +122,11 @@ def harden_class_body(cls: type) -> None:
         current = inspect.getattr_static(cls, hook, None)
         if hook not in originals and getattr(current, "_sc_owner", None) is None:
             setattr(cls, hook, settler(hook))
+    # on_chat_model_start is left out: LangChain falls back to on_llm_start without it.
+    for hook in START_HOOKS - {"on_chat_model_start"}:
+        current = inspect.getattr_static(cls, hook, None)
+        if hook not in originals and getattr(current, "_sc_owner", None) is None:
+            setattr(cls, hook, tracker(hook))
     for attr in ("raise_error", "run_inline"):  # never re-raise, never hop threads
         setattr(cls, attr, _Hardened.__dict__[attr])
     for flag in IGNORE_FLAGS:

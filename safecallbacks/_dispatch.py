@@ -42,6 +42,7 @@ from ._observe import Batch, Observer
 from ._options import Options
 from ._queue import Barrier, Item, Lane, await_settled, inside_delivery, wait_settled
 from ._revisions import Revisions
+from ._runs import RunMark, Strand, emitter_key
 from ._stats import Stats, merge_stats
 from ._stopping import StopMarks, StopStream
 from ._workers import ThreadLane
@@ -217,7 +218,22 @@ class Engine(Revisions):
                 self.inline.call(hook, args, kwargs)
             return
         lane: Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
-        lane.put((hook, args, kwargs, _copy_context(), _now(), loop))
+        item = (hook, args, kwargs, _copy_context(), _now(), loop)
+        if hook in START_HOOKS:
+            lane.put_run(self._run_mark(kwargs, ends=False), item)
+        else:
+            lane.put(item)
+
+    def mark_run(self, kwargs: Mapping[str, Any], ends: bool) -> None:
+        """A run's start or end the handler does not implement: routing must know of it."""
+        if self.options.mode != "offload" or self.closed:
+            return
+        lane: Lane = self._loop_lane(get_running_loop()) if self.async_only else self._thread_lane
+        lane.put_mark(self._run_mark(kwargs, ends))
+
+    def _run_mark(self, kwargs: Mapping[str, Any], ends: bool) -> RunMark:
+        key = None if ends else emitter_key(self.async_only, self.bare_run_inline)
+        return RunMark(kwargs.get("run_id"), kwargs.get("parent_run_id"), key, ends)
 
     async def adeliver(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """What LangChain's async manager awaits for a hook in ``awaited_hooks``."""
@@ -226,13 +242,14 @@ class Engine(Revisions):
             return
         self.record(hook, args, kwargs)
         if kwargs.get("parent_run_id") is None:
-            await self.asettle()
+            await self.asettle(kwargs.get("run_id"))
 
     async def asettle_after(self, hook: str, kwargs: Mapping[str, Any]) -> None:
         """An end hook the handler lacks, on the async path: settle after a root run."""
         self.stops.end_emitted(hook, kwargs)
+        self.mark_run(kwargs, ends=True)
         if kwargs.get("parent_run_id") is None:
-            await self.asettle()
+            await self.asettle(kwargs.get("run_id"))
 
     def _is_async(self, hook: str) -> bool:
         try:
@@ -240,8 +257,8 @@ class Engine(Revisions):
         except Exception:
             return False
 
-    def settle_now(self) -> None:
-        """A root run ended on a sync emitter: wait up to ``settle`` for this backlog.
+    def settle_now(self, run: Any = None) -> None:
+        """A root run ended on a sync emitter: wait up to ``settle`` for its deliveries.
 
         Not inside a delivery (a run started by a hook): that backlog waits for it.
         """
@@ -251,7 +268,7 @@ class Engine(Revisions):
             return
         deadline = _now() + self.options.settle
         here = get_running_loop()
-        for lane, barrier in self._settle_barriers():
+        for lane, barrier in self._settle_barriers(run):
             if here is not None and lane.loop is here:
                 continue  # that loop can only drain once this caller returns
             if lane is self._thread_lane and not self.adapt.final:
@@ -261,24 +278,24 @@ class Engine(Revisions):
             if not settled:
                 lane.settle_gave_up = lane.busy_since
 
-    async def asettle(self) -> None:
+    async def asettle(self, run: Any = None) -> None:
         """``settle_now`` for async emitters: waits without blocking the loop."""
         if self.wanted_mode is not None and self._thread_lane.parked:
             self.take_over()
         if self.options.settle <= 0 or self._is_stuck() or inside_delivery():
             return
-        placed = self._settle_barriers()
+        placed = self._settle_barriers(run)
         if placed and not await await_settled(placed, self.options.settle):
             for lane, barrier in placed:
                 if not barrier.done():
                     lane.settle_gave_up = lane.busy_since
 
-    def _settle_barriers(self) -> list[tuple[Lane, Barrier]]:
-        """Barriers in the lanes that may hold something: an idle lane needs no wait."""
+    def _settle_barriers(self, run: Any) -> list[tuple[Lane, Barrier]]:
+        """Barriers for ``run`` in the lanes that may hold some of it: idle ones need no wait."""
         placed = []
         for lane in self.lanes():
             if lane.scheduled or lane.queue:
-                barrier = Barrier()
+                barrier = Barrier(run)
                 lane.put_barrier(barrier)
                 placed.append((lane, barrier))
         return placed
@@ -364,14 +381,19 @@ class Engine(Revisions):
         except Contained as carrier:
             raise carrier.original from None
 
-    async def deliver_async(self, lane: Lane, item: Item, batch: Batch) -> None:
+    async def deliver_async(self, lane: Lane, strand: Strand, item: Item, batch: Batch) -> None:
         """Deliver one event to an async handler on this loop, inside the calling task."""
-        rest = self.deliver_now(lane, item, batch, {})
+        rest = self.deliver_now(lane, strand, item, batch, {})
         if rest is not None:
             await rest
 
     def deliver_now(
-        self, lane: Lane, item: Item, batch: Batch, calls: dict[str, Callable[..., Any]]
+        self,
+        lane: Lane,
+        strand: Strand,
+        item: Item,
+        batch: Batch,
+        calls: dict[str, Callable[..., Any]],
     ) -> Awaitable[None] | None:
         """Start delivering one event to an async handler, in the event's context.
 
@@ -389,13 +411,14 @@ class Engine(Revisions):
         if call is None:
             call = calls[hook] = self.async_call(hook)
         started = _now()
-        lane.busy_since, lane.inflight = started, hook
+        strand.busy_since, strand.inflight = started, hook
         step = first_step(call, args, kwargs, context)
-        return self.finish_async(lane, item, batch, step, started)
+        return self.finish_async(lane, strand, item, batch, step, started)
 
     def finish_async(
         self,
         lane: Lane,
+        strand: Strand,
         item: Item,
         batch: Batch,
         step: BaseException | Suspended | None,
@@ -403,12 +426,18 @@ class Engine(Revisions):
     ) -> Awaitable[None] | None:
         """Settle a delivery after its first step, or return what must be awaited to."""
         if isinstance(step, Suspended):
-            return self._deliver_rest(lane, item, batch, step, started)
-        self._settle_async(lane, item, batch, step, started)
+            return self._deliver_rest(lane, strand, item, batch, step, started)
+        self._settle_async(strand, item, batch, step, started)
         return None
 
     async def _deliver_rest(
-        self, lane: Lane, item: Item, batch: Batch, suspended: Suspended, started: float
+        self,
+        lane: Lane,
+        strand: Strand,
+        item: Item,
+        batch: Batch,
+        suspended: Suspended,
+        started: float,
     ) -> None:
         try:
             options = self.options
@@ -416,18 +445,18 @@ class Engine(Revisions):
         except asyncio.CancelledError:
             # The consumer itself is being cancelled (its loop is shutting down, or the
             # exit budget ran out): the handler did not fail, the event was cut off.
-            lane.busy_since, lane.inflight = None, None
+            strand.busy_since, strand.inflight = None, None
             lane.cut_off = True  # what is queued behind it is dropped too: never a hole
             self.observer.dropped(item[0], reason="shutdown")
             raise
         # GeneratorExit here is never the handler's: the loop was closed with this
         # consumer pending and it is being thrown away; reap_if_dead() accounts for it.
-        self._settle_async(lane, item, batch, error, started)
+        self._settle_async(strand, item, batch, error, started)
 
     def _settle_async(
-        self, lane: Lane, item: Item, batch: Batch, error: BaseException | None, started: float
+        self, strand: Strand, item: Item, batch: Batch, error: BaseException | None, started: float
     ) -> None:
-        lane.busy_since, lane.inflight = None, None
+        strand.busy_since, strand.inflight = None, None
         hook, args, kwargs, context, emitted_at, _ = item
         run_id = kwargs.get("run_id")
         if isinstance(error, StopStream):
@@ -521,9 +550,8 @@ class Engine(Revisions):
         lanes = self.lanes()
         high = self._pruned_high_water
         for lane in lanes:
-            waiting = lane.queued_by_hook()
-            queued.update(waiting)
-            depth += sum(waiting.values()) - (lane.inflight is not None)
+            queued.update(lane.queued_by_hook())
+            depth += lane.depth()
             high = max(high, lane.high_water)
             stuck = stuck or lane.stuck(now)
         high = self._high_water = max(self._high_water, high, depth)
@@ -542,7 +570,7 @@ class Engine(Revisions):
             max(high, depth),
             stuck,
             self.closed,
-            live=lambda: [inline, *(lane.batch for lane in lanes)],
+            live=lambda: [inline, *(batch for lane in lanes for batch in lane.live_batches())],
         )
 
     def queue_depth(self) -> int:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 from . import _compat
 from ._compat import fork_safe
 from ._dispatch import Engine, Unbound, refuse_in_a_loop
-from ._hooks import END_HOOKS, class_hooks, is_async_callable
+from ._hooks import END_HOOKS, START_HOOKS, class_hooks, is_async_callable
 from ._inline import PLAIN_RESULTS
 from ._options import Options
 from ._policy import decide
@@ -234,6 +234,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
     plain = isinstance(original, FunctionType)
     is_async = is_async_callable(original)
     settles = hook in END_HOOKS
+    starts = hook in START_HOOKS  # through Engine.record, which marks the run for routing
 
     def recorder(self: Any, *args: Any, **kwargs: Any) -> Any:
         cls = type(self)
@@ -253,7 +254,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
             # An async handler, offloaded: the lane of the emitting loop, if it has one.
             loop = _get_running_loop()
             lane = engine.fast_loop_lanes.get(loop)
-        if lane is not None:
+        if lane is not None and not starts:
             # Ctrl-C lands between two calls: every step that can be cut off comes before the
             # count, and the count and the append cannot be told apart (Lane._count_and_append).
             item = (hook, args, kwargs, copy_context(), monotonic(), loop)
@@ -297,7 +298,7 @@ def recorder_for(hook: str, original: Any) -> Callable[..., Any]:
         else:
             engine.record(hook, args, kwargs)
         if settles and engine.options.settle and kwargs.get("parent_run_id") is None:
-            engine.settle_now()
+            engine.settle_now(kwargs.get("run_id"))
         return None
 
     recorder.__name__ = hook
@@ -378,7 +379,23 @@ class HookAttribute:
 
 
 def is_settler(value: Any) -> bool:
-    return isinstance(value, HookAttribute) and not value.records
+    """True for what stands in for a hook the handler does not implement."""
+    if isinstance(value, HookAttribute):
+        return not value.records
+    return getattr(value, "_sc_stand_in", False) is True
+
+
+def tracker(hook: str) -> Callable[..., None]:
+    """A run start the handler does not implement: nothing to deliver, but the run's
+    later events (tokens it does implement) are routed by where it started."""
+
+    def track(self: Any, *args: Any, **kwargs: Any) -> None:
+        engine_of(self).mark_run(kwargs, ends=False)
+
+    track.__name__ = track.__qualname__ = hook
+    track._sc_owner = []  # type: ignore[attr-defined]
+    track._sc_stand_in = True  # type: ignore[attr-defined]
+    return track
 
 
 def settler(hook: str) -> HookAttribute:
@@ -389,8 +406,9 @@ def settler(hook: str) -> HookAttribute:
     def settle(self: Any, *args: Any, **kwargs: Any) -> None:
         engine = engine_of(self)
         engine.stops.end_emitted(hook, kwargs)
+        engine.mark_run(kwargs, ends=True)
         if engine.options.settle and kwargs.get("parent_run_id") is None:
-            engine.settle_now()
+            engine.settle_now(kwargs.get("run_id"))
 
     settle.__name__ = hook
     settle._sc_owner = []  # type: ignore[attr-defined]

@@ -16,14 +16,15 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._compat import fork_safe, get_running_loop
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._isolation import first_step
 from ._observe import Batch
-from ._queue import CONSUMER_TASKS, LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, LaneOwner
+from ._queue import CONSUMER_TASKS, LINGER_SECONDS, POLL_SECONDS, Lane, LaneOwner
+from ._runs import Strand
 
 _now = time.monotonic
 RUN_HOOKS = START_HOOKS | END_HOOKS | PAIRED_HOOKS  # hooks with run bookkeeping to do
@@ -32,7 +33,13 @@ YIELD_EVERY = 512  # deliveries without a suspension after which the consumer yi
 
 
 class LoopLane(Lane):
-    """Drained by a task on one event loop (the emitter's, or the background one)."""
+    """Drained on one event loop (the emitter's, or the background one).
+
+    One consumer task routes the lane and delivers each strand's events, stepping
+    the handler's coroutines itself; a strand whose delivery suspends continues
+    in a task of its own (``_carry_on``), so up to ``max_concurrency`` strands
+    await at once, as the tasks that emitted them would have awaited bare.
+    """
 
     def __init__(
         self, engine: LaneOwner, loop: asyncio.AbstractEventLoop, background: bool
@@ -42,6 +49,7 @@ class LoopLane(Lane):
         self.background = background
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._carriers: set[asyncio.Task[None]] = set()
 
     def _may_block(self) -> bool:
         # Blocking the loop that must drain this lane could never make room.
@@ -72,114 +80,151 @@ class LoopLane(Lane):
     def _unschedule(self) -> bool:
         with self._lock:
             self.scheduled = False
-            if self.queue:
+            if self.queue or self._carriers:
                 self.scheduled = True
                 return False
             return True
 
     async def _consume(self) -> None:
         try:
+            quiet_since = _now()
             while True:
-                await self._drain()
+                if await self._dispatch() or self.queue or self._carriers:
+                    quiet_since = _now()
+                elif _now() - quiet_since >= LINGER_SECONDS and self._unschedule():
+                    return
                 # Stay a moment for the next event (a paced stream's next token), as
                 # thread lanes do, so a stream costs one consumer task, not one per token.
-                await self._linger()
-                if not self.queue and self._unschedule():
-                    return
+                await asyncio.sleep(POLL_SECONDS)
         except asyncio.CancelledError:
             # The loop is shutting down (asyncio.run cancels leftover tasks and
             # then waits for them): deliver what fits in the exit budget.
             await self._salvage()
             raise
 
-    async def _linger(self) -> None:
-        quiet_since = _now()
-        while not self.queue and _now() - quiet_since < LINGER_SECONDS:
-            await asyncio.sleep(POLL_SECONDS)
+    async def _dispatch(self) -> bool:
+        """Deliver every runnable strand; True when there was something to do."""
+        router = self.router
+        calls: dict[str, Callable[..., Any]] = {}  # resolved once per dispatch
+        did = False
+        delivered = 0
+        while True:
+            strand = router.claim(self.concurrency)
+            if strand is None:
+                return did
+            did = True
+            began = _now()
+            rest = self._deliver(strand, calls)
+            delivered += strand.taken
+            if rest is not None:
+                carrier = asyncio.get_running_loop().create_task(
+                    self._carry_on(strand, rest, began)
+                )
+                CONSUMER_TASKS.add(carrier)
+                self._carriers.add(carrier)
+                carrier.add_done_callback(self._carriers.discard)
+            else:
+                self._released(strand, began)
+            if delivered >= YIELD_EVERY:
+                # Handlers that never suspend would otherwise hold this loop for a
+                # whole backlog: let the streams it serves move on meanwhile.
+                delivered = 0
+                await asyncio.sleep(0)
 
-    async def _drain(self) -> None:
-        """Deliver what is queued; the common case (a hook that finishes in its first
-        step, nothing for the breaker or the run bookkeeping to do) stays in this loop."""
-        queue = self.queue
+    def _released(self, strand: Strand, began: float) -> None:
+        self.router.release(strand, _now() - began)
+        if self._space_waiters:
+            self._popped()
+
+    async def _carry_on(self, strand: Strand, suspended: Awaitable[None], began: float) -> None:
+        """Finish a suspended delivery, then the rest of its strand's chunk, in this task."""
+        calls: dict[str, Callable[..., Any]] = {}
+        rest: Awaitable[None] | None = suspended
+        try:
+            while rest is not None:
+                await rest
+                rest = self._deliver(strand, calls)
+        finally:
+            self._released(strand, began)
+
+    def _deliver(
+        self, strand: Strand, calls: dict[str, Callable[..., Any]]
+    ) -> Awaitable[None] | None:
+        """Deliver a strand's chunk until a delivery suspends: then what must be awaited.
+
+        The common case (a hook that finishes in its first step, nothing for the
+        breaker or the run bookkeeping to do) stays in this loop.
+        """
+        chunk = strand.chunk
         engine = self.engine
+        router = self.router
         observer = engine.observer
         breaker = observer.breaker
-        batch = self.batch
+        batch = strand.batch
         durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-        calls: dict[str, Callable[..., Any]] = {}  # resolved once per drain
-        plain: dict[str, bool] = {}  # hooks with no run bookkeeping (stops, paired runs)
-        in_a_row = 0  # deliveries since this consumer last let the loop run
-        self.note_depth()
-        try:
-            while True:
-                try:
-                    entry = queue.popleft()
-                except IndexError:
-                    return
-                if self._space_waiters:
-                    self._popped()
-                if isinstance(entry, Barrier):
-                    self.note_depth()
-                    batch = observer.commit(batch, self)
-                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-                    self.took_barrier(entry)
+        while True:
+            try:
+                entry = chunk.popleft()
+            except IndexError:
+                if hooks:
+                    observer.commit(batch, strand)
+                return None
+            if entry.__class__ is not tuple:
+                batch = observer.commit(batch, strand)
+                durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+                router.reached(entry, strand)
+                continue
+            hook, args, kwargs, context, emitted_at, _ = entry
+            call = calls.get(hook)
+            if call is None:
+                call = calls[hook] = engine.async_call(hook)
+            if hook not in RUN_HOOKS and not breaker.consecutive and not engine.failing:
+                started = _now()
+                strand.busy_since, strand.inflight = started, hook
+                step = first_step(call, args, kwargs, context)
+                if step is None:
+                    strand.busy_since = strand.inflight = None
+                    durations.append(_now() - started)
+                    lags.append(started - emitted_at)
+                    hooks.append(hook)
+                    if len(hooks) >= COMMIT_EVERY:
+                        batch = observer.commit(batch, strand)
+                        durations, lags, hooks = batch.durations, batch.lags, batch.hooks
                     continue
-                hook, args, kwargs, context, emitted_at, _ = entry
-                is_plain = plain.get(hook)
-                if is_plain is None:
-                    is_plain = plain[hook] = hook not in RUN_HOOKS
-                    calls[hook] = engine.async_call(hook)
-                if is_plain and not breaker.consecutive and not engine.failing:
-                    started = _now()
-                    self.busy_since, self.inflight = started, hook
-                    step = first_step(calls[hook], args, kwargs, context)
-                    if step is None:
-                        self.busy_since = self.inflight = None
-                        durations.append(_now() - started)
-                        lags.append(started - emitted_at)
-                        hooks.append(hook)
-                    else:
-                        rest = engine.finish_async(self, entry, batch, step, started)
-                        if rest is not None:
-                            await rest
-                            in_a_row = 0
-                else:
-                    rest = engine.deliver_now(self, entry, batch, calls)
-                    if rest is not None:
-                        await rest
-                        in_a_row = 0
-                if len(hooks) >= COMMIT_EVERY:
-                    self.note_depth()
-                    batch = observer.commit(batch, self)
-                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-                    in_a_row += COMMIT_EVERY
-                    if in_a_row >= YIELD_EVERY:
-                        # Handlers that never suspend would otherwise hold this loop for
-                        # a whole backlog: let the streams it serves move on meanwhile.
-                        in_a_row = 0
-                        await asyncio.sleep(0)
-        finally:
-            if batch is self.batch:  # else a reaping of this lane committed it already
-                observer.commit(batch, self)
+                rest = engine.finish_async(self, strand, entry, batch, step, started)
+            else:
+                rest = engine.deliver_now(self, strand, entry, batch, calls)
+            if rest is not None:
+                return rest  # settles into strand.batch: nothing commits it meanwhile
 
     async def _salvage(self) -> None:
         # An event whose delivery the shutdown cut off is counted dropped: delivering the
         # ones after it would leave a hole in the handler's sequence, so they go with it.
         budget = 0.0 if self.cut_off else self.engine.options.exit_timeout
         deadline = _now() + budget
+        for carrier in list(self._carriers):
+            carrier.cancel()
         try:
-            while self.queue and _now() < deadline:
-                entry = self.queue.popleft()
-                if isinstance(entry, Barrier):
-                    self.took_barrier(entry)
-                    continue
-                batch = Batch()
-                try:  # cut off by the deadline, deliver_async counts it as dropped
-                    await asyncio.wait_for(
-                        self.engine.deliver_async(self, entry, batch), max(deadline - _now(), 0.0)
-                    )
+            while _now() < deadline:
+                strand = self.router.claim(1)
+                if strand is None:
+                    break
+                try:
+                    for entry in list(strand.chunk):
+                        strand.chunk.popleft()
+                        if entry.__class__ is not tuple:
+                            self.router.reached(entry, strand)
+                            continue
+                        batch = Batch()
+                        try:  # cut off by the deadline, deliver_async counts it as dropped
+                            await asyncio.wait_for(
+                                self.engine.deliver_async(self, strand, entry, batch),
+                                max(deadline - _now(), 0.0),
+                            )
+                        finally:
+                            self.engine.observer.commit(batch)
                 finally:
-                    self.engine.observer.commit(batch)
+                    self.router.release(strand)
         except (TimeoutError, asyncio.CancelledError):
             pass
         finally:
@@ -191,11 +236,21 @@ class LoopLane(Lane):
         """A closed loop will never drain this lane: count what is left as dropped."""
         loop = self.loop
         if loop is not None and loop.is_closed():
-            # Deliveries its consumer finished but never committed are counted as done.
-            self.engine.observer.commit(self.batch, self)
-            if self.inflight is not None:  # its consumer task died with the loop
-                self.engine.observer.dropped(self.inflight, reason="loop_closed")
-                self.busy_since = self.inflight = None
+            observer = self.engine.observer
+            for strand in self.router.busy_strands():
+                # Deliveries its consumer finished but never committed are counted as done.
+                observer.commit(strand.batch, strand)
+                if strand.inflight is not None:  # its task died with the loop
+                    observer.dropped(strand.inflight, reason="loop_closed")
+                    strand.busy_since = strand.inflight = None
+                dropped = [e[0] for e in strand.chunk if e.__class__ is tuple]
+                for entry in strand.chunk:
+                    if entry.__class__ is not tuple:
+                        self.router.reached(entry, strand)
+                strand.chunk.clear()
+                for hook in dropped:
+                    observer.dropped(hook, reason="loop_closed")
+                self.router.release(strand)
             self.discard_all("loop_closed")
 
 

@@ -143,6 +143,7 @@ class Options:
     stall_threshold: float = _option(1.0, _positive, "delay reported as a stall")
     exit_timeout: float = _option(default_exit_timeout, _non_negative, "budget at exit")
     settle: float = _option(0.5, _non_negative, "root run ends wait this long for backlog")
+    max_concurrency: int = _option(32, _count, "deliveries to one handler at once, across runs")
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -168,6 +169,7 @@ class OptionValues(TypedDict, total=False):
     stall_threshold: float
     exit_timeout: float
     settle: float
+    max_concurrency: int
 
 
 def make_options(**given: Any) -> Options:

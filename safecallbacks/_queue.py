@@ -26,8 +26,10 @@ from typing import Any, Protocol, TypeAlias
 
 from ._adapt import Adaptive
 from ._compat import count_value
+from ._hooks import END_HOOKS
 from ._observe import Batch, Observer
 from ._options import Options
+from ._runs import RUN_BOUNDARIES, Router, RunMark, Strand
 from ._stopping import StopMarks
 
 _now = time.monotonic
@@ -81,18 +83,23 @@ class LaneOwner(Protocol):
 
     def await_elsewhere(self, awaitable: Any, loop: asyncio.AbstractEventLoop | None) -> None: ...
 
-    async def deliver_async(self, lane: Lane, item: Item, batch: Batch) -> None: ...
+    async def deliver_async(self, lane: Lane, strand: Strand, item: Item, batch: Batch) -> None: ...
 
     def async_call(self, hook: str) -> Callable[..., Any]: ...
 
     failing: bool
 
     def finish_async(
-        self, lane: Lane, item: Item, batch: Batch, step: Any, started: float
+        self, lane: Lane, strand: Strand, item: Item, batch: Batch, step: Any, started: float
     ) -> Awaitable[None] | None: ...
 
     def deliver_now(
-        self, lane: Lane, item: Item, batch: Batch, calls: dict[str, Callable[..., Any]]
+        self,
+        lane: Lane,
+        strand: Strand,
+        item: Item,
+        batch: Batch,
+        calls: dict[str, Callable[..., Any]],
     ) -> Awaitable[None] | None: ...
 
 
@@ -102,14 +109,34 @@ SETTLE_SLICE = 0.05  # how often a waiting flush checks whether a lane's loop ha
 
 
 class Barrier:
-    """A marker placed at the tail of a lane; released once everything before it is done."""
+    """A marker placed at the tail of a lane; released once everything before it is done.
 
-    __slots__ = ("_callbacks", "_done", "_lock")
+    Routed into each strand holding something (``Part``s); a settle barrier (``run``
+    set) only into the strand of that root run. It is released when every part is.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_callbacks", "_done", "_lock", "_parts", "run")
+
+    def __init__(self, run: Any = None) -> None:
+        self.run = run
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
+        self._parts = 0
+
+    def expect(self, parts: int) -> None:
+        """Routed: released once ``parts`` parts are (at once when there are none)."""
+        with self._lock:
+            self._parts = parts
+        if parts == 0:
+            self.release()
+
+    def release_part(self) -> None:
+        with self._lock:
+            self._parts -= 1
+            last = self._parts <= 0
+        if last:
+            self.release()
 
     def release(self) -> None:
         with self._lock:
@@ -144,51 +171,78 @@ class Barrier:
 
 
 class Lane:
-    """The bounded queue of one handler towards one consumer."""
+    """The bounded queue of one handler towards one consumer, routed to strands (``_runs``)."""
 
     loop: asyncio.AbstractEventLoop | None = None
 
     def __init__(self, engine: LaneOwner) -> None:
         self.engine = engine
-        self.queue: deque[Item | Barrier] = deque()
+        self.queue: deque[Any] = deque()
         self.max_queue = engine.options.max_queue
-        # Recorders take the slow path (``overflow``) from this depth on; thread lanes
-        # lower it to nudge their worker when a backlog builds up.
-        self.nudge_at = self.max_queue
+        self.concurrency = engine.options.max_concurrency
+        self.router = Router(self, serial=self.concurrency == 1)
+        # Recorders take the slow path (``overflow``) from this depth on: the room left
+        # once routed events are counted, or lower, where a lane wants to be nudged.
+        self.nudge_want = self.nudge_at = self.max_queue
         self.emitted = engine.observer.emitted
         self.scheduled = False
         self.high_water = 0
-        self.busy_since: float | None = None
-        self.inflight: str | None = None
         self.cut_off = False  # a delivery was cut off by its loop's shutdown (loop lanes)
-        # The busy_since of a delivery a root run's end already waited for in vain: the
-        # same hung delivery never costs a second wait.
-        self.settle_gave_up: float | None = None
-        self.stuck_reported = False
+        self.settle_gave_up: float | None = None  # see Strand.settle_gave_up
         self.ready_at = 0.0
-        self.batch = Batch()  # results not yet committed to the observer
+        self.batch = Batch()  # results of deliveries made outside strands (loop shutdown)
         self._space = threading.Condition(threading.Lock())
         self._space_waiters = 0
-        # Flush barriers never take an event's place: they are counted apart.
-        self._barriers_in = itertools.count()
-        self._barriers_out = itertools.count()
+        # Barriers and run marks never take an event's place: they are counted apart.
+        self._controls_in = itertools.count()
+        self._controls_out = itertools.count()
 
     # --- emitting side ---------------------------------------------------
 
     def put(self, item: Item) -> None:
-        queue = self.queue
-        if len(queue) >= self.max_queue and not self._make_room(item):
+        if self._full() and not self._make_room(item):
             return
-        queue.append(item)
+        self.queue.append(item)
         if not self.scheduled:
             self.kick()
+
+    def put_run(self, mark: RunMark, item: Item | None) -> None:
+        """A run's start: its mark, then its event (if the handler implements it).
+
+        A start that finds no room sheds its whole run (the mark says so), so the
+        handler never gets a run's end or tokens without its start.
+        """
+        if item is not None and self._full() and not self._make_room(item):
+            mark.shed = True
+            item = None
+        self._put_control(mark)
+        if item is not None:
+            self.queue.append(item)
+        if not self.scheduled:
+            self.kick()
+
+    def put_mark(self, mark: RunMark) -> None:
+        self._put_control(mark)
+        if not self.scheduled:
+            self.kick()
+
+    def _full(self) -> bool:
+        return len(self.queue) >= self.nudge_at and self.backlog() >= self.max_queue
+
+    def _put_control(self, entry: Any) -> None:
+        next(self._controls_in)
+        self.queue.append(entry)
+
+    def count_control(self) -> None:
+        """A barrier or run mark is queued again (put back in front)."""
+        next(self._controls_in)
 
     def overflow(self, item: Item) -> None:
         """The slow half of ``put``, for recorders that found the queue long or full.
 
         Counts the event as emitted (the recorder's fast path leaves that to it).
         """
-        if len(self.queue) < self.max_queue:
+        if self.backlog() < self.max_queue:
             self._count_and_append(item)
             self.nudge()
             return
@@ -212,20 +266,30 @@ class Lane:
             self.kick()  # an interrupt before it: the next event or flush kicks
 
     def put_barrier(self, barrier: Barrier) -> None:
-        next(self._barriers_in)
-        self.queue.append(barrier)
+        self._put_control(barrier)
         if not self.scheduled:
             self.kick()
 
     def took_barrier(self, barrier: Barrier) -> None:
-        """A barrier left the queue (everything before it is settled): release it."""
-        next(self._barriers_out)
+        """A barrier left the queue without being routed (discarded): release it."""
         barrier.release()
 
+    def control_left(self) -> None:
+        """A barrier or run mark left the queue (routed, or discarded)."""
+        next(self._controls_out)
+
     def events_queued(self) -> int:
-        """Events waiting, not counting flush barriers (exact, unlike ``len(queue)``)."""
-        barriers = count_value(self._barriers_in) - count_value(self._barriers_out)
-        return max(len(self.queue) - barriers, 0)
+        """Events waiting to be routed (exact, unlike ``len(queue)``)."""
+        controls = count_value(self._controls_in) - count_value(self._controls_out)
+        return max(len(self.queue) - controls, 0)
+
+    def backlog(self) -> int:
+        """Events waiting, routed or not; what ``max_queue`` bounds."""
+        return self.events_queued() + self.router.backlog()
+
+    def room_changed(self, routed: int) -> None:
+        """Routing moved events out of the queue: the fast path may take what is left."""
+        self.nudge_at = max(min(self.nudge_want, self.max_queue - routed), 0)
 
     def kick(self) -> None:
         raise NotImplementedError
@@ -234,29 +298,31 @@ class Lane:
         """A backlog is building up (only thread lanes act on it)."""
 
     def _make_room(self, item: Item) -> bool:
-        """Apply ``on_full``; False when ``item`` itself was dropped."""
+        """Apply ``on_full``, shedding other events before a run's start or end.
+
+        False when ``item`` itself was dropped (counted). A run's end is kept even
+        beyond ``max_queue`` when nothing else can go: its start was kept.
+        """
         engine = self.engine
-        self.note_depth()
         policy = engine.options.on_full
         limit = engine.options.max_queue
-        if self.events_queued() < limit:
-            return True  # only flush barriers made it look full
-        if policy == "drop_oldest":
-            # Barriers met on the way go back to the front: they still wait for the event
-            # in delivery, and dropping events before them only settles those sooner.
-            kept: list[Barrier] = []
-            while self.events_queued() + len(kept) >= limit:  # kept: out of the queue
-                try:
-                    oldest = self.queue.popleft()
-                except IndexError:
-                    break
-                if oldest.__class__ is Barrier:
-                    kept.append(oldest)
-                else:
-                    self._discard(oldest, "queue_full")
-            self.queue.extendleft(reversed(kept))
-            return True
+        boundary = item[0] in RUN_BOUNDARIES
+        router = self.router
+        with router.lock:
+            router.pump()
+            self.note_depth()
+            if self.backlog() < limit:
+                return True
+            if policy == "drop_oldest" or (policy == "drop_newest" and boundary):
+                if router.shed_token(oldest=policy == "drop_oldest"):
+                    return True
         if policy == "block" and self._may_block() and self._wait_for_space():
+            return True
+        if policy == "block" and boundary:
+            with router.lock:
+                if router.shed_token(oldest=False):
+                    return True
+        if item[0] in END_HOOKS:
             return True
         engine.observer.dropped(item[0], reason="queue_full")
         return False
@@ -270,16 +336,10 @@ class Lane:
             self._space_waiters += 1
             try:
                 return self._space.wait_for(
-                    lambda: len(self.queue) < limit, self.engine.options.block_timeout
+                    lambda: self.backlog() < limit, self.engine.options.block_timeout
                 )
             finally:
                 self._space_waiters -= 1
-
-    def _discard(self, entry: Item | Barrier, reason: str) -> None:
-        if isinstance(entry, Barrier):
-            self.took_barrier(entry)  # everything ahead of it is gone too
-        else:
-            self.engine.observer.dropped(entry[0], reason=reason)
 
     def _popped(self) -> None:
         if self._space_waiters:
@@ -291,15 +351,21 @@ class Lane:
     def discard_all(self, reason: str) -> None:
         """Count every queued event as dropped (closing, a dead loop, exit)."""
         dropped: Counter[str] = Counter()
-        while True:
-            try:
-                entry = self.queue.popleft()
-            except IndexError:
-                break
-            if isinstance(entry, Barrier):
-                self.took_barrier(entry)
-            else:
-                dropped[entry[0]] += 1
+        with self.router.lock:
+            while True:
+                try:
+                    entry = self.queue.popleft()
+                except IndexError:
+                    break
+                kind = entry.__class__
+                if kind is tuple:
+                    dropped[entry[0]] += 1
+                    continue
+                self.control_left()
+                if kind is Barrier:
+                    self.took_barrier(entry)
+            dropped.update(self.router.discard_all(reason))
+            self.room_changed(self.router.backlog())
         for hook, count in dropped.items():
             self.engine.observer.dropped(hook, count, reason=reason)
 
@@ -310,17 +376,39 @@ class Lane:
                 break
             except RuntimeError:  # mutated while copying; try again
                 continue
-        found = Counter(e[0] for e in entries if not isinstance(e, Barrier))
-        if self.inflight is not None:
-            found[self.inflight] += 1
+        found = Counter(e[0] for e in entries if e.__class__ is tuple)
+        found.update(self.router.queued_by_hook())
         return found
 
     def depth(self) -> int:
-        """Events waiting; flush and settle barriers are not counted."""
-        return self.events_queued()
+        """Events waiting; barriers and run marks are not counted."""
+        return self.backlog()
 
     def note_depth(self) -> None:
         self.high_water = max(self.high_water, self.depth())
+
+    def live_batches(self) -> list[Batch]:
+        return [self.batch, *self.router.batches()]
+
+    @property
+    def busy_since(self) -> float | None:
+        """When the oldest delivery in flight started (None: none is)."""
+        found = [s.busy_since for s in self.router.busy_strands() if s.busy_since is not None]
+        return min(found) if found else None
+
+    @property
+    def inflight(self) -> str | None:
+        for strand in self.router.busy_strands():
+            if strand.inflight is not None:
+                return strand.inflight
+        return None
+
+    def idle(self) -> bool:
+        """Nothing queued, routed or in flight."""
+        return not self.queue and self.router.idle()
+
+    def holds_work(self) -> bool:
+        return bool(self.queue) or bool(self.router.runnable)
 
     def reap_if_dead(self) -> None:
         """Account for events nobody will deliver any more (only loop lanes can lose theirs)."""

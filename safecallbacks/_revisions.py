@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._queue import Barrier, Lane, wait_settled
+from ._runs import RunMark
 from ._workers import pool as pool_of_lanes
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class Revisions:
         """Make the move auto asked for, once nothing queued can be overtaken."""
         if self._thread_lane.parked:
             self.take_over()
-        elif all(not lane.queue and lane.inflight is None for lane in self.lanes()):
+        elif all(lane.idle() for lane in self.lanes()):
             wanted, self.wanted_mode = self.wanted_mode, None
             if wanted is not None:
                 self.switch_mode(wanted[0], wanted[1])
@@ -74,11 +75,16 @@ class Revisions:
             return
         self.wanted_mode = None
         self.switch_mode(wanted[0], wanted[1])
+        with lane.router.lock:
+            entries = lane.router.take_all()
         try:
-            while lane.queue:
-                entry = lane.queue.popleft()
-                if isinstance(entry, Barrier):
-                    lane.took_barrier(entry)
+            while entries:
+                entry = entries.pop(0)
+                if entry.__class__ is not tuple:
+                    if isinstance(entry, Barrier):
+                        entry.release()
+                    else:
+                        lane.router.reached(entry)
                     continue
                 hook, args, kwargs, context, _, _ = entry
                 error = context.run(self.inline.call, hook, args, kwargs)
@@ -87,6 +93,7 @@ class Revisions:
                     if self.options.mode != "inline":
                         break  # it fails here too: the rest goes back to the workers
         finally:
+            _give_back(lane, entries)
             pool_of_lanes().release(lane)
 
     def switch_mode(self, mode: str, reason: str) -> None:
@@ -120,3 +127,16 @@ class Revisions:
             elif _now() >= deadline:
                 return False
         return True
+
+
+def _give_back(lane: Lane, entries: list[Any]) -> None:
+    """Entries a failed trial leaves: queued again in order, to be routed afresh."""
+    back: list[Any] = []
+    for entry in entries:
+        if entry.__class__ is tuple or isinstance(entry, (Barrier, RunMark)):
+            back.append(entry)
+            if entry.__class__ is not tuple:
+                lane.count_control()
+        else:
+            lane.router.reached(entry)  # a barrier's part, or a run's end: settled here
+    lane.queue.extendleft(reversed(back))

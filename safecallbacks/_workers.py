@@ -23,7 +23,8 @@ from typing import Any
 from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._observe import WAITING_TO_LOG, write_waiting_logs
-from ._queue import LINGER_SECONDS, POLL_SECONDS, Barrier, Lane, mark_delivery_thread
+from ._queue import LINGER_SECONDS, POLL_SECONDS, Lane, mark_delivery_thread
+from ._runs import Strand
 from ._stopping import StopStream
 
 _now = time.monotonic
@@ -42,17 +43,25 @@ IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 
 
 class ThreadLane(Lane):
-    """Drained by the shared worker pool."""
+    """Drained by the shared worker pool: up to ``max_concurrency`` workers, a strand each."""
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
         # Set when auto wants the handler back on its caller's thread: workers leave
         # what is queued to the emitter, which delivers it there (Engine.take_over).
         self.parked = False
-        self.nudge_base = self.nudge_at = max(min(NUDGE_AT, self.max_queue // 4), 1)
+        self.nudge_base = max(min(NUDGE_AT, self.max_queue // 4), 1)
+        self.nudge_want = self.nudge_at = self.nudge_base
+        self.holders = 0  # workers draining this lane now
+        self.slots = 0  # times this lane waits in the pool's ready queue
 
     def kick(self) -> None:
         pool().kick(self)
+
+    def limit(self) -> int:
+        """Strands delivered at once: one while auto still probes the first deliveries."""
+        adapt = self.engine.adapt
+        return 1 if adapt.probes > 0 and not adapt.final else self.concurrency
 
     def nudge(self) -> None:
         """Give this lane's worker the GIL for a moment: a backlog is building up.
@@ -66,7 +75,8 @@ class ThreadLane(Lane):
         makes the lane ready and sleeps ``NUDGE_SLEEP``. A lane whose handler has
         been busy past ``stall_threshold`` is stuck, not starved: never nudged.
         """
-        self.nudge_at = min(len(self.queue) + self.nudge_base, self.max_queue)
+        self.nudge_want = min(len(self.queue) + self.nudge_base, self.max_queue)
+        self.nudge_at = max(min(self.nudge_want, self.max_queue - self.router.backlog()), 0)
         now = _now()
         if now - _LAST_NUDGE[0] < NUDGE_EVERY:
             return
@@ -78,39 +88,56 @@ class ThreadLane(Lane):
         _sleep(NUDGE_SLEEP)
 
     def drain(self, budget: int) -> None:
-        """Deliver up to ``budget`` events; the loop is kept lean on purpose (it is per event).
+        """Claim runnable strands and deliver them, up to ``budget`` events in all."""
+        self.nudge_want = self.nudge_base  # a worker got its turn: nudge afresh
+        self.note_depth()
+        router = self.router
+        plans: dict[str, _Plan] = {}
+        while budget > 0 and not self.parked:
+            strand = router.claim(self.limit())
+            if strand is None:
+                return
+            if router.runnable:
+                pool().spread(self)
+            began = _now()
+            try:
+                budget -= self._deliver(strand, plans)
+            finally:
+                router.release(strand, _now() - began)
+                if self._space_waiters:
+                    self._popped()
+
+    def _deliver(self, strand: Strand, plans: dict[str, _Plan]) -> int:
+        """Deliver a strand's chunk; the loop is kept lean on purpose (it is per event).
 
         Per event: the handler call in the event's context, two attribute stores
         that let the watchdog see it in flight, a clock read and three appends.
         What depends only on the hook is looked up once per drain (``_Plan``),
         and counts, timings and outcomes are settled per batch by ``commit``.
         """
-        queue = self.queue
-        self.note_depth()
-        self.nudge_at = self.nudge_base  # a worker got its turn: nudge afresh
+        chunk = strand.chunk
         engine = self.engine
         stops = engine.stops
         observer = engine.observer
         breaker = observer.breaker
-        batch = self.batch
+        batch = strand.batch
         durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-        plans: dict[str, _Plan] = {}
         started = _now()
+        taken = 0
         try:
-            for _ in range(budget):
+            while True:
                 try:
-                    entry = queue.popleft()
+                    entry = chunk.popleft()
                 except IndexError:
-                    return
-                if self._space_waiters:
-                    self._popped()
-                if entry.__class__ is Barrier:
-                    batch = observer.commit(batch, self)  # exact counts once a flush returns
+                    return taken
+                taken += 1
+                if entry.__class__ is not tuple:
+                    batch = observer.commit(batch, strand)  # exact counts once a flush returns
                     durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-                    self.took_barrier(entry)
+                    self.router.reached(entry, strand)
                     started = _now()
                     continue
-                hook, args, kwargs, context, emitted_at, loop = entry  # type: ignore[misc]
+                hook, args, kwargs, context, emitted_at, loop = entry
                 plan = plans.get(hook)
                 if plan is None:
                     plan = plans[hook] = _Plan(engine, hook)
@@ -125,7 +152,7 @@ class ThreadLane(Lane):
                         continue
                     if not observer.admit(hook, kwargs.get("run_id")):
                         continue
-                self.busy_since, self.inflight = started, hook
+                strand.busy_since, strand.inflight = started, hook
                 failed = False
                 try:
                     result = context.run(plan.call, *args, **kwargs)
@@ -138,7 +165,7 @@ class ThreadLane(Lane):
                     error_name = observer.failure(
                         hook, exc, kwargs.get("run_id"), args, kwargs, context
                     )
-                self.busy_since = self.inflight = None  # settled: no longer pending
+                strand.busy_since = strand.inflight = None  # settled: no longer pending
                 ended = _now()
                 durations.append(ended - started)
                 lags.append(started - emitted_at)
@@ -149,7 +176,7 @@ class ThreadLane(Lane):
                     if engine.wanted_mode is not None and engine.wanted_mode[2]:
                         # A thread-bound failure: what is queued is for the caller's thread.
                         self.parked = True
-                        return
+                        return taken
                 elif breaker.consecutive:
                     observer.outcome(True)
                 if plan.tracks_runs:
@@ -159,9 +186,9 @@ class ThreadLane(Lane):
                         observer.track_run(hook, run_id)
                 started = ended
         finally:
-            self.busy_since, self.inflight = None, None
-            self.stuck_reported = False
-            observer.commit(batch, self)
+            strand.busy_since, strand.inflight = None, None
+            strand.stuck_reported = False
+            observer.commit(batch, strand)
 
 
 class _Plan:
@@ -224,6 +251,7 @@ class Pool:
             self._ensure_watchdog()
             lane.ready_at = _now()
             lane.scheduled = True
+            lane.slots += 1
             self.ready.append(lane)
             if self.idle:
                 self.cond.notify()  # cut off: the watchdog notifies at its next poll
@@ -235,14 +263,22 @@ class Pool:
                 # No call between leaving the lingering set and joining the ready queue.
                 lane.ready_at = _now()
                 del self.lingering[lane]
+                lane.slots += 1
                 self.ready.append(lane)
                 if self.idle:
                     self.cond.notify()
 
+    def spread(self, lane: ThreadLane) -> None:
+        """A worker found more runnable strands: more workers, up to the lane's limit."""
+        with self.lock:
+            want = min(lane.limit(), lane.holders + len(lane.router.runnable))
+            while lane.holders + lane.slots < want:
+                self._make_ready(lane, _now())
+
     def claim(self, lane: ThreadLane) -> bool:
         """Emitter side: take a parked lane over (False if it was already let go)."""
         with self.lock:
-            if not lane.parked or lane in self.busy:
+            if not lane.parked or lane.holders:
                 return False
             self.lingering.pop(lane, None)
             return True
@@ -251,7 +287,7 @@ class Pool:
         """A lane taken over is the pool's again."""
         with self.lock:
             lane.parked = False
-            if lane.queue:
+            if lane.holds_work():
                 self._make_ready(lane, _now())
             else:
                 self.lingering[lane] = _now()
@@ -265,6 +301,7 @@ class Pool:
 
     def _make_ready(self, lane: ThreadLane, now: float) -> None:
         lane.ready_at = now
+        lane.slots += 1
         self.ready.append(lane)
         if self.idle:
             self.cond.notify()
@@ -319,16 +356,22 @@ class Pool:
                     self.threads.discard(threading.current_thread())
                     return None
             lane = self.ready.popleft()
+            lane.slots -= 1
+            lane.holders += 1
             self.busy.add(lane)
             return lane
 
     def _after_drain(self, lane: ThreadLane) -> None:
         with self.lock:
-            self.busy.discard(lane)
-            if lane.queue and not lane.parked:  # a parked lane waits for its emitter
-                self._make_ready(lane, _now())
-            else:
-                self.lingering[lane] = _now()
+            lane.holders -= 1
+            if not lane.holders:
+                self.busy.discard(lane)
+                if lane.slots:
+                    pass  # a worker is on its way
+                elif lane.holds_work() and not lane.parked:  # a parked lane waits for its emitter
+                    self._make_ready(lane, _now())
+                else:
+                    self.lingering[lane] = _now()
             self._ensure_watchdog()
 
     # --- the watchdog -----------------------------------------------------------
@@ -368,7 +411,7 @@ class Pool:
                     continue  # its emitter takes it over at its next event
                 lane.parked = False  # nobody came: delivered here after all
                 lane.engine.adapt.trial_abandoned()
-            if lane.queue:
+            if lane.holds_work():
                 del self.lingering[lane]
                 self._make_ready(lane, now)
             elif now - since >= LINGER_SECONDS:
@@ -377,6 +420,16 @@ class Pool:
                 if lane.queue:  # an event slipped in before the flag dropped
                     lane.scheduled = True
                     self._make_ready(lane, now)
+        for lane in self.busy:
+            # Its workers are inside long deliveries: another one routes what came since,
+            # so the events of other runs do not wait behind them.
+            if (
+                lane.queue
+                and now - lane.router.pumped_at > 2 * POLL_SECONDS
+                and lane.holders + lane.slots < lane.limit()
+                and not lane.parked
+            ):
+                self._make_ready(lane, now)
         if self.ready and self.idle:
             self.cond.notify()  # an emitter interrupted (Ctrl-C) before it notified
         waited = now - self.ready[0].ready_at if self.ready else 0.0
@@ -388,14 +441,17 @@ class Pool:
         ):
             self._spawn()  # every worker is busy, maybe hung: add one
         for lane in self.busy:
-            if lane.stuck(now) and not lane.stuck_reported:
-                lane.stuck_reported = True
-                lane.engine.observer.announce_once(
-                    "stuck",
-                    "handler_stuck",
-                    hook=lane.inflight,
-                    seconds=round(now - (lane.busy_since or now), 3),
-                )
+            timeout = lane.engine.options.timeout
+            for strand in lane.router.busy_strands():
+                began = strand.busy_since
+                if began is not None and now - began > timeout and not strand.stuck_reported:
+                    strand.stuck_reported = True
+                    lane.engine.observer.announce_once(
+                        "stuck",
+                        "handler_stuck",
+                        hook=strand.inflight,
+                        seconds=round(now - began, 3),
+                    )
 
 
 _POOL: Pool | None = None

@@ -139,6 +139,7 @@ HEADINGS = {
     "load": ["tokens/s vs none", "p99 vs none"],
     "memory": ["max_queue", "peak RSS growth MB", "dropped"],
     "settle": ["last chunk to return", "first call (hung)"],
+    "shared_sink": ["streams' wall s", "lag p99", "backlog gone after", "runs complete & in order"],
 }
 
 

@@ -1,0 +1,507 @@
+"""Which of a handler's events may be delivered side by side: runs, strands and gates.
+
+Bare, LangChain calls a shared handler from each request's thread or task:
+side by side across requests, in order within each. A lane's events are
+routed, in the order they were emitted, to *strands*, one per emitter (a
+thread, or a task on a loop): what one emitter calls bare it calls one at a
+time. The events of a run, and of every run under it, follow the strand of
+its root, whichever thread emits them. Strands are delivered side by side, at
+most ``max_concurrency`` at once, but runs that did not overlap when emitted
+never are: a new root run waits (a ``Gate``) until every root run that ended
+before it started has been delivered. An event of a run the lane never saw
+start (a hook called by hand, a handler attached mid-run) is a *fence*:
+delivered alone, after everything before it and before anything after it.
+
+Nothing here runs on the token path: routing happens when a consumer claims
+work, or on an emitter's slow path once the queue is full. ``Router.lock`` is
+never held while a handler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+from ._compat import get_running_loop
+from ._hooks import END_HOOKS, START_HOOKS
+from ._observe import Batch
+
+_now = time.monotonic
+_get_ident = threading.get_ident
+_current_task = asyncio.current_task
+RUN_BOUNDARIES = START_HOOKS | END_HOOKS
+"""Hooks kept while any other event can be shed instead (a run's start, end or error)."""
+TAKE_MIN = 4  # entries a consumer claims from a strand at once, at least
+TAKE_MAX = 256  # and at most: chunks grow while they are delivered within QUICK seconds
+QUICK = 0.002
+RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
+FENCE = object()  # the strand key of events whose run is unknown
+
+
+class Gate:
+    """Placed before a new root run's events: open once ``after`` earlier root runs are done."""
+
+    __slots__ = ("after",)
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+
+class TraceEnd:
+    """Placed after a root run's end: delivering it marks that run done (opening gates)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class Part:
+    """One strand's share of a flush or settle barrier."""
+
+    __slots__ = ("whole",)
+
+    def __init__(self, whole: Any) -> None:
+        self.whole = whole
+
+
+class RunMark:
+    """A run's start (with who emitted it) or end, for routing only: never delivered.
+
+    Put before every start event, and in place of the starts and ends a handler
+    does not implement, so that routing knows each run's root and emitter.
+    ``shed``: the start was dropped for lack of room; the whole run goes with it.
+    """
+
+    __slots__ = ("ends", "key", "parent_run_id", "run_id", "shed")
+
+    def __init__(self, run_id: Any, parent_run_id: Any, key: object, ends: bool) -> None:
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.key = key
+        self.ends = ends
+        self.shed = False
+
+
+class _Trace:
+    """A root run and every run under it: the strand they follow."""
+
+    __slots__ = ("root", "shed", "strand")
+
+    def __init__(self, root: Any, strand: Strand | None) -> None:
+        self.root = root
+        self.strand = strand
+        self.shed = strand is None
+
+
+class Strand:
+    """The events of one emitter, in emission order; delivered by one consumer at a time."""
+
+    __slots__ = (
+        "batch",
+        "busy",
+        "busy_since",
+        "chunk",
+        "controls",
+        "entries",
+        "inflight",
+        "key",
+        "queued",
+        "settle_gave_up",
+        "stuck_reported",
+        "take",
+        "taken",
+        "traces",
+    )
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.entries: deque[Any] = deque()  # routed, not claimed (only under Router.lock)
+        self.chunk: deque[Any] = deque()  # claimed, being delivered (only by its consumer)
+        self.busy = False
+        self.queued = False  # in Router.runnable
+        self.traces = 0  # live root runs routed here
+        self.taken = 0  # events in the chunk when it was claimed
+        self.controls = 0  # barrier parts and run ends in the chunk, not yet reached
+        self.take = TAKE_MIN  # entries claimed at once: more while deliveries are quick
+        self.busy_since: float | None = None
+        self.inflight: str | None = None
+        self.batch = Batch()  # results not yet committed to the observer
+        self.stuck_reported = False
+        # The busy_since of a delivery a root run's end already waited for in vain: the
+        # same hung delivery never costs a second wait.
+        self.settle_gave_up: float | None = None
+
+    def active(self) -> bool:
+        return self.busy or bool(self.entries)
+
+
+def emitter_key(async_only: bool, bare_run_inline: bool) -> object:
+    """Who is emitting: the unit bare LangChain calls a handler from, one call at a time.
+
+    On an event loop that is the task, for async handlers (awaited in it) and for
+    sync handlers LangChain hops to an executor thread per event; a sync handler
+    with ``run_inline`` is called on the loop's thread for every task. Elsewhere,
+    the thread.
+    """
+    if get_running_loop() is not None and (async_only or not bare_run_inline):
+        task = _current_task()
+        if task is not None:
+            return id(task)
+    return _get_ident()
+
+
+class Router:
+    """Routes one lane's queue to strands and hands runnable strands to its consumers."""
+
+    def __init__(self, lane: Any, serial: bool) -> None:
+        self.lane = lane
+        self.serial = serial  # max_concurrency=1: one strand, the lane's exact order
+        self.lock = threading.Lock()
+        self.strands: dict[object, Strand] = {}
+        self.runs: dict[Any, _Trace] = {}
+        self.runnable: deque[Strand] = deque()
+        self.gated: list[Strand] = []
+        self.recent_ends: dict[Any, Strand | None] = {}
+        self.ends_routed = 0
+        self.done_mark = 0
+        self.done_early: set[int] = set()
+        self.held = 0  # events in strands' entries
+        self.claimed: set[Strand] = set()  # strands being delivered
+        self.fenced = False  # the fence strand holds or delivers something
+        self.pumped_at = 0.0
+
+    # --- what the lane and its consumers ask ---------------------------------------
+
+    def backlog(self) -> int:
+        """Entries routed and not yet delivered (read without the lock: an estimate)."""
+        return self.held + sum(len(s.chunk) - s.controls for s in list(self.claimed))
+
+    def busy_strands(self) -> list[Strand]:
+        return list(self.claimed)
+
+    def batches(self) -> list[Batch]:
+        return [strand.batch for strand in list(self.strands.values())]
+
+    def idle(self) -> bool:
+        return not self.strands or not any(s.active() for s in list(self.strands.values()))
+
+    def claim(self, limit: int) -> Strand | None:
+        """A runnable strand with some of its entries moved to its chunk, or None.
+
+        A chunk is what its consumer delivers before routing again and what shedding
+        cannot reach: it grows while deliveries are quick and shrinks when they are not.
+        """
+        with self.lock:
+            self.pump()
+            if len(self.claimed) >= limit:
+                return None
+            while self.runnable:
+                strand = self.runnable.popleft()
+                strand.queued = False
+                if strand.busy or not self._take(strand, strand.take):
+                    continue
+                strand.busy = True
+                self.claimed.add(strand)
+                return strand
+            return None
+
+    def release(self, strand: Strand, seconds: float = 0.0) -> bool:
+        """A consumer is done with ``strand``'s chunk (after ``seconds``); True when more
+        strands are runnable."""
+        if seconds < QUICK:
+            strand.take = min(strand.take * 2, TAKE_MAX)
+        else:
+            strand.take = max(strand.take // 2, TAKE_MIN)
+        with self.lock:
+            strand.busy = False
+            self.claimed.discard(strand)
+            if strand.chunk:  # left undelivered (a parked lane): back in front, in order
+                self.held += sum(1 for e in strand.chunk if e.__class__ is tuple)
+                strand.entries.extendleft(reversed(strand.chunk))
+                strand.chunk.clear()
+            strand.controls = 0
+            self._after(strand)
+            self.pump()
+            return bool(self.runnable)
+
+    def reached(self, entry: Any, strand: Strand | None = None) -> None:
+        """A barrier's part or a root run's end reached the head of its strand."""
+        if strand is not None:
+            strand.controls -= 1
+        if entry.__class__ is Part:
+            entry.whole.release_part()
+        elif entry.__class__ is TraceEnd:
+            with self.lock:
+                self._done(entry.index)
+
+    # --- routing (Router.lock held) -------------------------------------------------
+
+    def pump(self) -> None:
+        """Route what the lane's queue holds, in order, until something must wait."""
+        lane = self.lane
+        queue = lane.queue
+        route = self._route
+        while queue:
+            entry = queue[0]
+            if not route(entry):
+                break
+            queue.popleft()
+            if entry.__class__ is not tuple:
+                lane.control_left()
+        self.pumped_at = _now()
+        lane.room_changed(self.backlog())
+
+    def _route(self, entry: Any) -> bool:
+        kind = entry.__class__
+        if kind is tuple:
+            run_id = entry[2].get("run_id")
+            trace = self.runs.get(run_id) if run_id is not None else None
+            if trace is None:
+                return self._fence(entry)
+            if self.fenced:
+                return False
+            if trace.strand is None:  # its start was shed: so is everything of it
+                self.lane.engine.observer.dropped(entry[0], reason="queue_full")
+            else:
+                self._append(trace.strand, entry)
+                self.held += 1
+            if entry[0] in END_HOOKS:
+                self._run_ended(run_id, trace)
+            return True
+        if kind is RunMark:
+            if self.fenced:
+                return False
+            if entry.ends:
+                trace = self.runs.get(entry.run_id)
+                if trace is not None:
+                    self._run_ended(entry.run_id, trace)
+            else:
+                self._run_started(entry)
+            return True
+        self._barrier(entry)
+        return True
+
+    def _strand(self, key: object) -> Strand:
+        strand = self.strands.get(key)
+        if strand is None:
+            strand = self.strands[key] = Strand(key)
+        return strand
+
+    def _run_started(self, mark: RunMark) -> None:
+        parent = mark.parent_run_id
+        trace = self.runs.get(parent) if parent is not None else None
+        if trace is not None:
+            if mark.shed and trace.strand is not None:
+                trace = _Trace(None, None)  # a child run shed: only its subtree goes
+            self.runs[mark.run_id] = trace
+            return
+        if mark.shed:
+            self.runs[mark.run_id] = _Trace(mark.run_id, None)
+            return
+        strand = self._strand(FENCE if self.serial else mark.key)
+        strand.traces += 1
+        if not self.serial and self.done_mark < self.ends_routed:
+            self._append(strand, Gate(self.ends_routed))
+        self.runs[mark.run_id] = _Trace(mark.run_id, strand)
+
+    def _run_ended(self, run_id: Any, trace: _Trace) -> None:
+        self.runs.pop(run_id, None)
+        if run_id != trace.root:
+            return
+        index = self.ends_routed
+        self.ends_routed += 1
+        strand = trace.strand
+        if len(self.recent_ends) >= RECENT_ENDS:
+            del self.recent_ends[next(iter(self.recent_ends))]
+        self.recent_ends[run_id] = strand
+        if strand is None:
+            self._done(index)
+            return
+        strand.traces -= 1
+        self._append(strand, TraceEnd(index))
+
+    def _fence(self, entry: Any) -> bool:
+        """An event of an unknown run: alone, after everything before it."""
+        if any(s.active() for k, s in self.strands.items() if k is not FENCE):
+            return False
+        self._append(self._strand(FENCE), entry)
+        self.held += 1
+        self.fenced = not self.serial
+        return True
+
+    def _barrier(self, barrier: Any) -> None:
+        """Into every strand holding something; a settle barrier only into its run's."""
+        run = barrier.run
+        if run is not None and run in self.recent_ends:
+            found = self.recent_ends.pop(run)
+            targets = [found] if found is not None and found.active() else []
+        else:
+            targets = [s for s in self.strands.values() if s.active()]
+        barrier.expect(len(targets))
+        for strand in targets:
+            self._append(strand, Part(barrier))
+
+    def _append(self, strand: Strand, entry: Any) -> None:
+        strand.entries.append(entry)
+        if not strand.busy and not strand.queued:
+            self._schedule(strand)
+
+    def _schedule(self, strand: Strand) -> None:
+        head = strand.entries[0]
+        if head.__class__ is Gate and head.after > self.done_mark:
+            if strand not in self.gated:
+                self.gated.append(strand)
+            return
+        strand.queued = True
+        self.runnable.append(strand)
+
+    def _take(self, strand: Strand, take: int) -> bool:
+        entries, chunk = strand.entries, strand.chunk
+        events = controls = 0
+        while entries and len(chunk) < take:
+            entry = entries[0]
+            if entry.__class__ is Gate:
+                if entry.after > self.done_mark:
+                    break
+                entries.popleft()
+                continue
+            chunk.append(entries.popleft())
+            if entry.__class__ is tuple:
+                events += 1
+            else:
+                controls += 1
+        self.held -= events
+        strand.taken = events
+        strand.controls = controls
+        if chunk:
+            return True
+        self._after(strand)
+        return False
+
+    def _after(self, strand: Strand) -> None:
+        """``strand`` is not being delivered: schedule it, or let it go if it is done."""
+        if strand.entries:
+            self._schedule(strand)
+        elif strand.traces == 0 and self.strands.get(strand.key) is strand:
+            if strand.key is FENCE:
+                self.fenced = False
+            del self.strands[strand.key]
+            self.lane.engine.observer.commit(strand.batch, strand)
+
+    def _done(self, index: int) -> None:
+        if index != self.done_mark:
+            self.done_early.add(index)
+            return
+        self.done_mark += 1
+        while self.done_mark in self.done_early:
+            self.done_early.discard(self.done_mark)
+            self.done_mark += 1
+        for strand in list(self.gated):
+            head = strand.entries[0] if strand.entries else None
+            if head is None or head.__class__ is not Gate or head.after <= self.done_mark:
+                self.gated.remove(strand)
+                if not strand.busy and not strand.queued and strand.entries:
+                    strand.queued = True
+                    self.runnable.append(strand)
+
+    # --- shedding and discarding (Router.lock held) -----------------------------------
+
+    def shed_token(self, oldest: bool) -> bool:
+        """Drop one queued event that neither starts nor ends a run (oldest or newest)."""
+        best: tuple[float, Strand, int] | None = None
+        for strand in self.strands.values():
+            found = _sheddable(strand.entries, oldest)
+            if found is None:
+                continue
+            index, emitted_at = found
+            better = best is None or (emitted_at < best[0] if oldest else emitted_at > best[0])
+            if better:
+                best = (emitted_at, strand, index)
+        if best is None:
+            return False
+        _, strand, index = best
+        victim = strand.entries[index]
+        del strand.entries[index]
+        self.held -= 1
+        self.lane.engine.observer.dropped(victim[0], reason="queue_full")
+        return True
+
+    def discard_all(self, reason: str) -> Counter[str]:
+        """Take every routed entry out: events are returned per hook, barriers released."""
+        dropped: Counter[str] = Counter()
+        for strand in list(self.strands.values()):
+            # A chunk is its consumer's, but each entry is popped once, by it or here:
+            # a delivery in flight finishes, what waits behind it is dropped.
+            for entries in (strand.chunk, strand.entries):
+                while True:
+                    try:
+                        entry = entries.popleft()
+                    except IndexError:
+                        break
+                    kind = entry.__class__
+                    if kind is tuple:
+                        dropped[entry[0]] += 1
+                    elif kind is Part:
+                        entry.whole.release_part()
+                    elif kind is TraceEnd:
+                        self._done(entry.index)
+            strand.controls = 0
+            if not strand.busy:
+                self._after(strand)
+        self.held = 0
+        self.runnable.clear()
+        for strand in self.strands.values():
+            strand.queued = False
+        self.gated.clear()
+        return dropped
+
+    def take_all(self) -> list[Any]:
+        """Every entry not being delivered, strand by strand, then the unrouted ones."""
+        taken: list[Any] = []
+        for strand in list(self.strands.values()):
+            if not strand.busy:
+                taken.extend(strand.entries)
+                strand.entries.clear()
+                self._after(strand)
+        queue = self.lane.queue
+        while queue:
+            entry = queue.popleft()
+            if entry.__class__ is not tuple:
+                self.lane.control_left()
+            taken.append(entry)
+        self.held = 0
+        self.runnable.clear()
+        self.gated.clear()
+        for strand in self.strands.values():
+            strand.queued = False
+        self.lane.room_changed(self.backlog())
+        return taken
+
+    def queued_by_hook(self) -> Counter[str]:
+        found: Counter[str] = Counter()
+        for strand in list(self.strands.values()):
+            for entries in (strand.entries, strand.chunk):
+                while True:
+                    try:
+                        listed = list(entries)
+                        break
+                    except RuntimeError:  # mutated while copying; try again
+                        continue
+                found.update(e[0] for e in listed if e.__class__ is tuple)
+            if strand.inflight is not None:
+                found[strand.inflight] += 1
+        return found
+
+
+def _sheddable(entries: deque[Any], oldest: bool) -> tuple[int, float] | None:
+    """Where the oldest (or newest) event that may be shed sits in ``entries``."""
+    indexes = range(len(entries)) if oldest else range(len(entries) - 1, -1, -1)
+    for index in indexes:
+        entry = entries[index]
+        if entry.__class__ is tuple and entry[0] not in RUN_BOUNDARIES:
+            return index, entry[4]
+    return None
