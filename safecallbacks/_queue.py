@@ -313,9 +313,9 @@ class Lane:
             self.note_depth()
             if self.backlog() < limit:
                 return True
-            if policy == "drop_oldest" or (policy == "drop_newest" and boundary):
-                if router.shed_token(oldest=policy == "drop_oldest"):
-                    return True
+            sheds_now = policy == "drop_oldest" or (policy == "drop_newest" and boundary)
+            if sheds_now and router.shed_token(oldest=policy == "drop_oldest"):
+                return True
         if policy == "block" and self._may_block() and self._wait_for_space():
             return True
         if policy == "block" and boundary:
