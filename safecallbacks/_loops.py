@@ -4,7 +4,9 @@ Handlers whose hooks are all ``async def`` are delivered on the event loop
 that emitted the event, where their clients and sessions live; events from
 plain sync code go to one shared background loop. The consumer steps each
 handler coroutine inside itself (no task per event) and lingers across short
-gaps, so a paced stream costs one consumer task, not one per token. When a
+gaps, so a paced stream costs one consumer task, not one per token; a strand
+(``_runs``) whose delivery suspends goes on in a task of its own, so up to
+``max_concurrency`` emitters' deliveries await at once. When a
 loop shuts down, what fits in the exit budget is delivered and the rest is
 counted as dropped. On the token path: ``LoopLane.kick`` schedules the
 consumer when the lane goes from idle to busy, nothing else.
@@ -109,9 +111,10 @@ class LoopLane(Lane):
         did = False
         delivered = 0
         while True:
-            strand = router.claim(self.concurrency)
-            if strand is None:
+            claimed = router.claim(self.concurrency)
+            if not claimed:
                 return did
+            strand = claimed[0]
             did = True
             began = _now()
             rest = self._deliver(strand, calls)
@@ -166,9 +169,7 @@ class LoopLane(Lane):
             try:
                 entry = chunk.popleft()
             except IndexError:
-                if hooks:
-                    observer.commit(batch, strand)
-                return None
+                return None  # committed at COMMIT_EVERY, a barrier, or when the strand goes
             if entry.__class__ is not tuple:
                 batch = observer.commit(batch, strand)
                 durations, lags, hooks = batch.durations, batch.lags, batch.hooks
@@ -206,9 +207,10 @@ class LoopLane(Lane):
             carrier.cancel()
         try:
             while _now() < deadline:
-                strand = self.router.claim(1)
-                if strand is None:
+                claimed = self.router.claim(1)
+                if not claimed:
                     break
+                strand = claimed[0]
                 try:
                     for entry in list(strand.chunk):
                         strand.chunk.popleft()
@@ -237,9 +239,10 @@ class LoopLane(Lane):
         loop = self.loop
         if loop is not None and loop.is_closed():
             observer = self.engine.observer
-            for strand in self.router.busy_strands():
-                # Deliveries its consumer finished but never committed are counted as done.
+            for strand in list(self.router.strands.values()):
+                # Deliveries its consumers finished but never committed are counted as done.
                 observer.commit(strand.batch, strand)
+            for strand in self.router.busy_strands():
                 if strand.inflight is not None:  # its task died with the loop
                     observer.dropped(strand.inflight, reason="loop_closed")
                     strand.busy_since = strand.inflight = None

@@ -1,15 +1,19 @@
-"""One handler's bounded, ordered queue towards one consumer; ``on_full``; the flush barrier.
+"""One handler's bounded queue towards its consumers; ``on_full`` and shedding; barriers.
 
 On the token path: ``put`` appends a tuple to a ``deque`` (atomic under the
-GIL) and, only when the lane was idle, asks its consumer to start. A full
-queue applies ``on_full`` here too, in memory: the drop is counted, never
-logged on the emitting thread. Flush barriers ride in the same queue but
-never take an event's place, and ``drop_oldest`` never pops one.
+GIL) and, only when the lane was idle, asks its consumer to start. Consumers
+route what is queued to strands (``_runs``); the queue and the strands
+together are what ``max_queue`` bounds. A full queue applies ``on_full`` on
+the emitter, in memory, under the router's lock (never a handler's): tokens
+are shed before a run's start or end, and every drop is counted, never logged
+on the emitting thread. Barriers and run marks ride in the same queue but
+never take an event's place.
 
 ``max_queue`` is exact for one emitting thread. ``put`` checks the length and
 then appends without a lock (a lock here would cost every token), so with N
 threads emitting into one handler at the same instant the queue can hold up
-to N - 1 events more than ``max_queue``; it never grows beyond that.
+to N - 1 events more than ``max_queue``; it never grows beyond that, but for
+the ends of runs whose start it holds.
 """
 
 from __future__ import annotations
@@ -365,7 +369,7 @@ class Lane:
                 if kind is Barrier:
                     self.took_barrier(entry)
             dropped.update(self.router.discard_all(reason))
-            self.room_changed(self.router.backlog())
+            self.room_changed(self.router.routed())
         for hook, count in dropped.items():
             self.engine.observer.dropped(hook, count, reason=reason)
 

@@ -37,6 +37,9 @@ RUN_BOUNDARIES = START_HOOKS | END_HOOKS
 TAKE_MIN = 4  # entries a consumer claims from a strand at once, at least
 TAKE_MAX = 256  # and at most: chunks grow while they are delivered within QUICK seconds
 QUICK = 0.002
+SLOW = 0.001  # seconds per delivery from which emitters are delivered side by side
+STALLED = 0.01  # a delivery in flight this long is slow too
+CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
 FENCE = object()  # the strand key of events whose run is unknown
 
@@ -87,13 +90,14 @@ class RunMark:
 
 
 class _Trace:
-    """A root run and every run under it: the strand they follow."""
+    """A root run and every run under it: the strand they follow, and who emitted it."""
 
-    __slots__ = ("root", "shed", "strand")
+    __slots__ = ("key", "root", "shed", "strand")
 
-    def __init__(self, root: Any, strand: Strand | None) -> None:
+    def __init__(self, root: Any, strand: Strand | None, key: object = None) -> None:
         self.root = root
         self.strand = strand
+        self.key = key
         self.shed = strand is None
 
 
@@ -160,6 +164,8 @@ class Router:
     def __init__(self, lane: Any, serial: bool) -> None:
         self.lane = lane
         self.serial = serial  # max_concurrency=1: one strand, the lane's exact order
+        self.parallel = not serial
+        self.slow_seen = -CALM  # when a delivery last took SLOW or more
         self.lock = threading.Lock()
         self.strands: dict[object, Strand] = {}
         self.runs: dict[Any, _Trace] = {}
@@ -171,14 +177,19 @@ class Router:
         self.done_early: set[int] = set()
         self.held = 0  # events in strands' entries
         self.claimed: set[Strand] = set()  # strands being delivered
+        self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
         self.pumped_at = 0.0
 
     # --- what the lane and its consumers ask ---------------------------------------
 
     def backlog(self) -> int:
-        """Entries routed and not yet delivered (read without the lock: an estimate)."""
+        """Events routed and not yet delivered (read without the lock)."""
         return self.held + sum(len(s.chunk) - s.controls for s in list(self.claimed))
+
+    def routed(self) -> int:
+        """``backlog`` or a little more (chunks count in full until released): O(1)."""
+        return self.held + self.claimed_events
 
     def busy_strands(self) -> list[Strand]:
         return list(self.claimed)
@@ -189,44 +200,74 @@ class Router:
     def idle(self) -> bool:
         return not self.strands or not any(s.active() for s in list(self.strands.values()))
 
-    def claim(self, limit: int) -> Strand | None:
-        """A runnable strand with some of its entries moved to its chunk, or None.
+    def claim(
+        self, limit: int, done: list[Strand] | None = None, seconds: float = 0.0, many: int = 1
+    ) -> list[Strand]:
+        """Up to ``many`` runnable strands, some of each one's entries moved to its chunk.
 
-        A chunk is what its consumer delivers before routing again and what shedding
-        cannot reach: it grows while deliveries are quick and shrinks when they are not.
+        ``done``: the strands the caller delivered before (in ``seconds``), released
+        first under the same lock. A chunk is what its consumer delivers before
+        routing again and what shedding cannot reach: it grows while deliveries are
+        quick and shrinks when they are not.
         """
+        slow = False
+        if done:
+            each = seconds / len(done)
+            for strand in done:
+                slow = _resize(strand, each) or slow
+        claimed: list[Strand] = []
         with self.lock:
+            if done:
+                for strand in done:
+                    self._release(strand)
+                if slow:
+                    self.slow_seen = _now()
             self.pump()
-            if len(self.claimed) >= limit:
-                return None
-            while self.runnable:
+            room = min(many, limit - len(self.claimed))
+            while self.runnable and len(claimed) < room:
                 strand = self.runnable.popleft()
                 strand.queued = False
                 if strand.busy or not self._take(strand, strand.take):
                     continue
                 strand.busy = True
                 self.claimed.add(strand)
-                return strand
-            return None
+                claimed.append(strand)
+        return claimed
 
-    def release(self, strand: Strand, seconds: float = 0.0) -> bool:
-        """A consumer is done with ``strand``'s chunk (after ``seconds``); True when more
-        strands are runnable."""
-        if seconds < QUICK:
-            strand.take = min(strand.take * 2, TAKE_MAX)
-        else:
-            strand.take = max(strand.take // 2, TAKE_MIN)
+    def release(self, strand: Strand, seconds: float = 0.0) -> None:
+        """A consumer is done with ``strand``'s chunk (after ``seconds``)."""
+        slow = _resize(strand, seconds)
         with self.lock:
-            strand.busy = False
-            self.claimed.discard(strand)
-            if strand.chunk:  # left undelivered (a parked lane): back in front, in order
-                self.held += sum(1 for e in strand.chunk if e.__class__ is tuple)
-                strand.entries.extendleft(reversed(strand.chunk))
-                strand.chunk.clear()
-            strand.controls = 0
-            self._after(strand)
-            self.pump()
-            return bool(self.runnable)
+            self._release(strand)
+            if slow:
+                self.slow_seen = _now()
+
+    def slow(self) -> bool:
+        """Whether a delivery took SLOW or more lately: then strands go to several consumers."""
+        return _now() - self.slow_seen < CALM
+
+    def stalled(self, now: float) -> bool:
+        """Watchdog: True when a delivery has been in flight for STALLED (slow too)."""
+        if any(s.busy_since is not None and now - s.busy_since > STALLED for s in self.claimed):
+            self.slow_seen = now
+            return True
+        return False
+
+    def _close_index(self) -> int:
+        index = self.ends_routed
+        self.ends_routed += 1
+        return index
+
+    def _release(self, strand: Strand) -> None:
+        strand.busy = False
+        self.claimed.discard(strand)
+        self.claimed_events -= strand.taken
+        if strand.chunk:  # left undelivered (a parked lane): back in front, in order
+            self.held += sum(1 for e in strand.chunk if e.__class__ is tuple)
+            strand.entries.extendleft(reversed(strand.chunk))
+            strand.chunk.clear()
+        strand.controls = 0
+        self._after(strand)
 
     def reached(self, entry: Any, strand: Strand | None = None) -> None:
         """A barrier's part or a root run's end reached the head of its strand."""
@@ -253,7 +294,7 @@ class Router:
             if entry.__class__ is not tuple:
                 lane.control_left()
         self.pumped_at = _now()
-        lane.room_changed(self.backlog())
+        lane.room_changed(self.routed())
 
     def _route(self, entry: Any) -> bool:
         kind = entry.__class__
@@ -302,18 +343,17 @@ class Router:
         if mark.shed:
             self.runs[mark.run_id] = _Trace(mark.run_id, None)
             return
-        strand = self._strand(FENCE if self.serial else mark.key)
+        strand = self._strand(mark.key if self.parallel else FENCE)
         strand.traces += 1
-        if not self.serial and self.done_mark < self.ends_routed:
+        if self.parallel and self.done_mark < self.ends_routed:
             self._append(strand, Gate(self.ends_routed))
-        self.runs[mark.run_id] = _Trace(mark.run_id, strand)
+        self.runs[mark.run_id] = _Trace(mark.run_id, strand, mark.key)
 
     def _run_ended(self, run_id: Any, trace: _Trace) -> None:
         self.runs.pop(run_id, None)
         if run_id != trace.root:
             return
-        index = self.ends_routed
-        self.ends_routed += 1
+        index = self._close_index()
         strand = trace.strand
         if len(self.recent_ends) >= RECENT_ENDS:
             del self.recent_ends[next(iter(self.recent_ends))]
@@ -330,7 +370,7 @@ class Router:
             return False
         self._append(self._strand(FENCE), entry)
         self.held += 1
-        self.fenced = not self.serial
+        self.fenced = self.parallel
         return True
 
     def _barrier(self, barrier: Any) -> None:
@@ -375,6 +415,7 @@ class Router:
             else:
                 controls += 1
         self.held -= events
+        self.claimed_events += events
         strand.taken = events
         strand.controls = controls
         if chunk:
@@ -478,7 +519,7 @@ class Router:
         self.gated.clear()
         for strand in self.strands.values():
             strand.queued = False
-        self.lane.room_changed(self.backlog())
+        self.lane.room_changed(self.routed())
         return taken
 
     def queued_by_hook(self) -> Counter[str]:
@@ -495,6 +536,15 @@ class Router:
             if strand.inflight is not None:
                 found[strand.inflight] += 1
         return found
+
+
+def _resize(strand: Strand, seconds: float) -> bool:
+    """Grow or shrink the next chunk; True when its events took SLOW each or more."""
+    if seconds < QUICK:
+        strand.take = min(strand.take * 2, TAKE_MAX)
+        return False
+    strand.take = max(strand.take // 2, TAKE_MIN)
+    return seconds >= SLOW * max(strand.taken, 1)
 
 
 def _sheddable(entries: deque[Any], oldest: bool) -> tuple[int, float] | None:

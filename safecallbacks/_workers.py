@@ -1,8 +1,11 @@
 """Sync delivery: the shared worker pool, its watchdog, and the drain loop of a lane.
 
-Workers only drain lanes, one lane at a time per worker, so each handler sees
-its events in order and one at a time, and a hung handler only ever holds its
-own worker. While a lane has traffic it "lingers": the watchdog polls it every
+Workers only drain lanes. A lane's strands (``_runs``) each go to one worker
+at a time, so each emitter's events arrive in order; up to ``max_concurrency``
+workers drain one lane while its deliveries are slow, one worker claims many
+strands at once while they are quick, and a hung delivery only ever holds its
+own worker (the watchdog hands the strands queued behind it to others). While
+a lane has traffic it "lingers": the watchdog polls it every
 few milliseconds instead of being woken per event, so a CPU-bound stream pays
 no wake-up or GIL hand-off per token. Threads are started by the watchdog or
 by workers, never on the token path; the emitter-side calls here are
@@ -35,6 +38,8 @@ NUDGE_EVERY = 0.005  # at most one nudge this often, over every lane of the proc
 NUDGE_SLEEP = 0.0002  # how long a nudging emitter lets go of the GIL
 _LAST_NUDGE = [0.0]
 BATCH = 512  # events one worker takes from one lane before giving others a turn
+COMMIT_AT = 256  # deliveries a strand's results gather before they are committed
+MANY = 16  # strands one worker claims at once while deliveries are quick
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
@@ -53,6 +58,7 @@ class ThreadLane(Lane):
         self.nudge_base = max(min(NUDGE_AT, self.max_queue // 4), 1)
         self.nudge_want = self.nudge_at = self.nudge_base
         self.holders = 0  # workers draining this lane now
+        self.waiting: dict[int, deque[Strand]] = {}  # per worker: strands claimed, not started
         self.slots = 0  # times this lane waits in the pool's ready queue
 
     def kick(self) -> None:
@@ -76,7 +82,7 @@ class ThreadLane(Lane):
         been busy past ``stall_threshold`` is stuck, not starved: never nudged.
         """
         self.nudge_want = min(len(self.queue) + self.nudge_base, self.max_queue)
-        self.nudge_at = max(min(self.nudge_want, self.max_queue - self.router.backlog()), 0)
+        self.nudge_at = max(min(self.nudge_want, self.max_queue - self.router.routed()), 0)
         now = _now()
         if now - _LAST_NUDGE[0] < NUDGE_EVERY:
             return
@@ -90,22 +96,50 @@ class ThreadLane(Lane):
     def drain(self, budget: int) -> None:
         """Claim runnable strands and deliver them, up to ``budget`` events in all."""
         self.nudge_want = self.nudge_base  # a worker got its turn: nudge afresh
-        self.note_depth()
+        if self.events_queued() + self.router.routed() > self.high_water:
+            self.note_depth()
         router = self.router
         plans: dict[str, _Plan] = {}
-        while budget > 0 and not self.parked:
-            strand = router.claim(self.limit())
-            if strand is None:
-                return
-            if router.runnable:
-                pool().spread(self)
-            began = _now()
-            try:
-                budget -= self._deliver(strand, plans)
-            finally:
+        waiting: deque[Strand] = deque()  # claimed, not started: the watchdog may take them back
+        self.waiting[threading.get_ident()] = waiting
+        done: list[Strand] = []
+        began = _now()
+        try:
+            while budget > 0 and not self.parked:
+                slow = router.slow()
+                claimed = router.claim(self.limit(), done, _now() - began, 1 if slow else MANY)
+                done = []
+                if not claimed:
+                    return
+                if slow and router.runnable and self.holders + self.slots < self.limit():
+                    pool().spread(self)
+                began = _now()
+                waiting.extend(claimed)
+                while True:
+                    try:
+                        strand = waiting.popleft()
+                    except IndexError:
+                        break
+                    done.append(strand)
+                    budget -= self._deliver(strand, plans)
+                    if self.parked:
+                        break
+        finally:
+            del self.waiting[threading.get_ident()]
+            for strand in (*done, *waiting):
                 router.release(strand, _now() - began)
-                if self._space_waiters:
-                    self._popped()
+            if self._space_waiters:
+                self._popped()
+
+    def take_back(self) -> None:
+        """Watchdog: a delivery is stuck; strands claimed behind it go to other workers."""
+        for waiting in list(self.waiting.values()):
+            while True:
+                try:
+                    strand = waiting.popleft()
+                except IndexError:
+                    break
+                self.router.release(strand)
 
     def _deliver(self, strand: Strand, plans: dict[str, _Plan]) -> int:
         """Deliver a strand's chunk; the loop is kept lean on purpose (it is per event).
@@ -188,7 +222,8 @@ class ThreadLane(Lane):
         finally:
             strand.busy_since, strand.inflight = None, None
             strand.stuck_reported = False
-            observer.commit(batch, strand)
+            if len(hooks) >= COMMIT_AT or batch.skipped:
+                observer.commit(batch, strand)  # else later: stats count it where it is
 
 
 class _Plan:
@@ -421,6 +456,15 @@ class Pool:
                     lane.scheduled = True
                     self._make_ready(lane, now)
         for lane in self.busy:
+            if lane.router.stalled(now):
+                lane.take_back()
+            if (
+                lane.router.runnable
+                and lane.router.slow()
+                and lane.holders + lane.slots < lane.limit()
+                and not lane.parked
+            ):
+                self._make_ready(lane, now)  # strands waiting while its workers are busy
             # Its workers are inside long deliveries: another one routes what came since,
             # so the events of other runs do not wait behind them.
             if (
