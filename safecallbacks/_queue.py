@@ -246,7 +246,7 @@ class Lane:
 
         Counts the event as emitted (the recorder's fast path leaves that to it).
         """
-        if self.backlog() < self.max_queue:
+        if self.events_queued() + self.router.routed() < self.max_queue:  # O(1), may overcount
             self._count_and_append(item)
             self.nudge()
             return
@@ -311,6 +311,13 @@ class Lane:
         policy = engine.options.on_full
         limit = engine.options.max_queue
         boundary = item[0] in RUN_BOUNDARIES
+        if policy == "drop_newest" and not boundary:
+            depth = self.backlog()  # a token that finds it full: dropped, no routing needed
+            self.high_water = max(self.high_water, depth)
+            if depth >= limit:
+                engine.observer.dropped(item[0], reason="queue_full")
+                return False
+            return True
         router = self.router
         with router.lock:
             router.pump()

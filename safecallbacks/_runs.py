@@ -42,6 +42,7 @@ STALLED = 0.01  # a delivery in flight this long is slow too
 CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
 FENCE = object()  # the strand key of events whose run is unknown
+_NOTHING = object()
 
 
 class Gate:
@@ -113,6 +114,7 @@ class Strand:
         "entries",
         "inflight",
         "key",
+        "marks",
         "queued",
         "settle_gave_up",
         "stuck_reported",
@@ -130,6 +132,7 @@ class Strand:
         self.traces = 0  # live root runs routed here
         self.taken = 0  # events in the chunk when it was claimed
         self.controls = 0  # barrier parts and run ends in the chunk, not yet reached
+        self.marks = 0  # gates, barrier parts and run ends in ``entries``
         self.take = TAKE_MIN  # entries claimed at once: more while deliveries are quick
         self.busy_since: float | None = None
         self.inflight: str | None = None
@@ -179,12 +182,15 @@ class Router:
         self.claimed: set[Strand] = set()  # strands being delivered
         self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
+        self._last: tuple[Any, deque[Any] | None] = (_NOTHING, None)  # see pump
         self.pumped_at = 0.0
 
     # --- what the lane and its consumers ask ---------------------------------------
 
     def backlog(self) -> int:
         """Events routed and not yet delivered (read without the lock)."""
+        if not self.claimed:
+            return self.held
         return self.held + sum(len(s.chunk) - s.controls for s in list(self.claimed))
 
     def routed(self) -> int:
@@ -263,7 +269,9 @@ class Router:
         self.claimed.discard(strand)
         self.claimed_events -= strand.taken
         if strand.chunk:  # left undelivered (a parked lane): back in front, in order
-            self.held += sum(1 for e in strand.chunk if e.__class__ is tuple)
+            back = sum(1 for e in strand.chunk if e.__class__ is tuple)
+            self.held += back
+            strand.marks += len(strand.chunk) - back
             strand.entries.extendleft(reversed(strand.chunk))
             strand.chunk.clear()
         strand.controls = 0
@@ -282,17 +290,37 @@ class Router:
     # --- routing (Router.lock held) -------------------------------------------------
 
     def pump(self) -> None:
-        """Route what the lane's queue holds, in order, until something must wait."""
+        """Route what the lane's queue holds, in order, until something must wait.
+
+        A run's events mostly come in a row (a stream's tokens): one that belongs to the
+        run the event before it was routed to goes straight to the same strand.
+        """
         lane = self.lane
         queue = lane.queue
         route = self._route
+        last_run: Any = _NOTHING
+        last: deque[Any] | None = None
+        held = 0
         while queue:
             entry = queue[0]
+            if (
+                entry.__class__ is tuple
+                and entry[2].get("run_id") is last_run
+                and entry[0] not in END_HOOKS
+            ):
+                last.append(entry)  # type: ignore[union-attr]
+                held += 1
+                queue.popleft()
+                continue
             if not route(entry):
                 break
             queue.popleft()
-            if entry.__class__ is not tuple:
+            if entry.__class__ is tuple:
+                last_run, last = self._last
+            else:
                 lane.control_left()
+                last_run = _NOTHING
+        self.held += held
         self.pumped_at = _now()
         lane.room_changed(self.routed())
 
@@ -305,12 +333,15 @@ class Router:
                 return self._fence(entry)
             if self.fenced:
                 return False
+            self._last = (_NOTHING, None)
             if trace.strand is None:  # its start was shed: so is everything of it
                 self.lane.engine.observer.dropped(entry[0], reason="queue_full")
             else:
                 self._append(trace.strand, entry)
                 self.held += 1
+                self._last = (run_id, trace.strand.entries)
             if entry[0] in END_HOOKS:
+                self._last = (_NOTHING, None)
                 self._run_ended(run_id, trace)
             return True
         if kind is RunMark:
@@ -366,6 +397,7 @@ class Router:
 
     def _fence(self, entry: Any) -> bool:
         """An event of an unknown run: alone, after everything before it."""
+        self._last = (_NOTHING, None)
         if any(s.active() for k, s in self.strands.items() if k is not FENCE):
             return False
         self._append(self._strand(FENCE), entry)
@@ -387,6 +419,8 @@ class Router:
 
     def _append(self, strand: Strand, entry: Any) -> None:
         strand.entries.append(entry)
+        if entry.__class__ is not tuple:
+            strand.marks += 1
         if not strand.busy and not strand.queued:
             self._schedule(strand)
 
@@ -401,6 +435,15 @@ class Router:
 
     def _take(self, strand: Strand, take: int) -> bool:
         entries, chunk = strand.entries, strand.chunk
+        if not strand.marks and 0 < len(entries) <= take:
+            # Only events, all of them: the deques change places, nothing is moved.
+            strand.entries, strand.chunk = chunk, entries
+            events = len(entries)
+            self.held -= events
+            self.claimed_events += events
+            strand.taken = events
+            strand.controls = 0
+            return True
         events = controls = 0
         while entries and len(chunk) < take:
             entry = entries[0]
@@ -408,12 +451,14 @@ class Router:
                 if entry.after > self.done_mark:
                     break
                 entries.popleft()
+                strand.marks -= 1
                 continue
             chunk.append(entries.popleft())
             if entry.__class__ is tuple:
                 events += 1
             else:
                 controls += 1
+                strand.marks -= 1
         self.held -= events
         self.claimed_events += events
         strand.taken = events
@@ -490,7 +535,7 @@ class Router:
                         entry.whole.release_part()
                     elif kind is TraceEnd:
                         self._done(entry.index)
-            strand.controls = 0
+            strand.controls = strand.marks = 0
             if not strand.busy:
                 self._after(strand)
         self.held = 0
@@ -507,6 +552,7 @@ class Router:
             if not strand.busy:
                 taken.extend(strand.entries)
                 strand.entries.clear()
+                strand.marks = 0
                 self._after(strand)
         queue = self.lane.queue
         while queue:
