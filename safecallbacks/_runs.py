@@ -35,8 +35,9 @@ _current_task = asyncio.current_task
 RUN_BOUNDARIES = START_HOOKS | END_HOOKS
 """Hooks kept while any other event can be shed instead (a run's start, end or error)."""
 TAKE_MIN = 4  # entries a consumer claims from a strand at once, at least
-TAKE_MAX = 256  # and at most: chunks grow while they are delivered within QUICK seconds
-QUICK = 0.002
+TAKE_START = 16
+TAKE_MAX = 256  # and at most: chunks grow while their deliveries take under QUICK each
+QUICK = 0.0002  # seconds per delivery under which chunks grow
 SLOW = 0.001  # seconds per delivery from which emitters are delivered side by side
 STALLED = 0.01  # a delivery in flight this long is slow too
 CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
@@ -133,7 +134,7 @@ class Strand:
         self.taken = 0  # events in the chunk when it was claimed
         self.controls = 0  # barrier parts and run ends in the chunk, not yet reached
         self.marks = 0  # gates, barrier parts and run ends in ``entries``
-        self.take = TAKE_MIN  # entries claimed at once: more while deliveries are quick
+        self.take = TAKE_START  # entries claimed at once: more while deliveries are quick
         self.busy_since: float | None = None
         self.inflight: str | None = None
         self.batch = Batch()  # results not yet committed to the observer
@@ -182,7 +183,7 @@ class Router:
         self.claimed: set[Strand] = set()  # strands being delivered
         self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
-        self._last: tuple[Any, deque[Any] | None] = (_NOTHING, None)  # see pump
+        self._last: tuple[Any, Any] = (_NOTHING, None)  # see pump
         self.pumped_at = 0.0
 
     # --- what the lane and its consumers ask ---------------------------------------
@@ -297,26 +298,30 @@ class Router:
         """
         lane = self.lane
         queue = lane.queue
+        popleft = queue.popleft
         route = self._route
+        ends = END_HOOKS
         last_run: Any = _NOTHING
-        last: deque[Any] | None = None
+        append: Any = None
         held = 0
-        while queue:
-            entry = queue[0]
+        while True:
+            try:
+                entry = popleft()  # only ever under this lock: put back if it must wait
+            except IndexError:
+                break
             if (
                 entry.__class__ is tuple
                 and entry[2].get("run_id") is last_run
-                and entry[0] not in END_HOOKS
+                and entry[0] not in ends
             ):
-                last.append(entry)  # type: ignore[union-attr]
+                append(entry)
                 held += 1
-                queue.popleft()
                 continue
             if not route(entry):
+                queue.appendleft(entry)
                 break
-            queue.popleft()
             if entry.__class__ is tuple:
-                last_run, last = self._last
+                last_run, append = self._last
             else:
                 lane.control_left()
                 last_run = _NOTHING
@@ -339,7 +344,7 @@ class Router:
             else:
                 self._append(trace.strand, entry)
                 self.held += 1
-                self._last = (run_id, trace.strand.entries)
+                self._last = (run_id, trace.strand.entries.append)
             if entry[0] in END_HOOKS:
                 self._last = (_NOTHING, None)
                 self._run_ended(run_id, trace)
@@ -585,12 +590,16 @@ class Router:
 
 
 def _resize(strand: Strand, seconds: float) -> bool:
-    """Grow or shrink the next chunk; True when its events took SLOW each or more."""
-    if seconds < QUICK:
+    """Grow or shrink the next chunk by how long its events took each (a pause for the
+    GIL spread over a chunk barely counts); True when that was SLOW or more."""
+    each = seconds / max(strand.taken, 1)
+    if each < QUICK:
         strand.take = min(strand.take * 2, TAKE_MAX)
         return False
-    strand.take = max(strand.take // 2, TAKE_MIN)
-    return seconds >= SLOW * max(strand.taken, 1)
+    if each >= SLOW:
+        strand.take = max(strand.take // 2, TAKE_MIN)
+        return True
+    return False
 
 
 def _sheddable(entries: deque[Any], oldest: bool) -> tuple[int, float] | None:
