@@ -32,6 +32,7 @@ _now = time.monotonic
 RUN_HOOKS = START_HOOKS | END_HOOKS | PAIRED_HOOKS  # hooks with run bookkeeping to do
 COMMIT_EVERY = 256  # deliveries per committed batch on a loop lane
 YIELD_EVERY = 512  # deliveries without a suspension after which the consumer yields
+MANY = 64  # strands claimed at once while deliveries are quick
 
 
 class LoopLane(Lane):
@@ -110,29 +111,40 @@ class LoopLane(Lane):
         calls: dict[str, Callable[..., Any]] = {}  # resolved once per dispatch
         did = False
         delivered = 0
-        while True:
-            claimed = router.claim(self.concurrency)
-            if not claimed:
-                return did
-            strand = claimed[0]
-            did = True
-            began = _now()
-            rest = self._deliver(strand, calls)
-            delivered += strand.taken
-            if rest is not None:
-                carrier = asyncio.get_running_loop().create_task(
-                    self._carry_on(strand, rest, began)
-                )
-                CONSUMER_TASKS.add(carrier)
-                self._carriers.add(carrier)
-                carrier.add_done_callback(self._carriers.discard)
-            else:
+        done: list[Strand] = []  # delivered, released with the next claim
+        began = _now()
+        try:
+            while True:
+                many = 1 if router.slow() else MANY
+                claimed = router.claim(self.concurrency, done, _now() - began, many)
+                done = []
+                if not claimed:
+                    return did
+                did = True
+                began = _now()
+                for strand in claimed:
+                    started = _now()
+                    rest = self._deliver(strand, calls)
+                    delivered += strand.taken
+                    if rest is None:
+                        done.append(strand)
+                        continue
+                    carrier = asyncio.get_running_loop().create_task(
+                        self._carry_on(strand, rest, started)
+                    )
+                    CONSUMER_TASKS.add(carrier)
+                    self._carriers.add(carrier)
+                    carrier.add_done_callback(self._carriers.discard)
+                if delivered >= YIELD_EVERY:
+                    # Handlers that never suspend would otherwise hold this loop for a
+                    # whole backlog: let the streams it serves move on meanwhile.
+                    delivered = 0
+                    await asyncio.sleep(0)
+        finally:
+            for strand in done:
                 self._released(strand, began)
-            if delivered >= YIELD_EVERY:
-                # Handlers that never suspend would otherwise hold this loop for a
-                # whole backlog: let the streams it serves move on meanwhile.
-                delivered = 0
-                await asyncio.sleep(0)
+            if self._space_waiters:
+                self._popped()
 
     def _released(self, strand: Strand, began: float) -> None:
         self.router.release(strand, _now() - began)

@@ -230,7 +230,8 @@ class Router:
                 if slow:
                     self.slow_seen = _now()
             self.pump()
-            room = min(many, limit - len(self.claimed))
+            # Many strands for one consumer in turn (quick deliveries) count as one.
+            room = many if many > 1 else limit - len(self.claimed)
             while self.runnable and len(claimed) < room:
                 strand = self.runnable.popleft()
                 strand.queued = False

@@ -39,7 +39,7 @@ NUDGE_SLEEP = 0.0002  # how long a nudging emitter lets go of the GIL
 _LAST_NUDGE = [0.0]
 BATCH = 512  # events one worker takes from one lane before giving others a turn
 COMMIT_AT = 256  # deliveries a strand's results gather before they are committed
-MANY = 16  # strands one worker claims at once while deliveries are quick
+MANY = 64  # strands one worker claims at once while deliveries are quick
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
@@ -222,7 +222,7 @@ class ThreadLane(Lane):
         finally:
             strand.busy_since, strand.inflight = None, None
             strand.stuck_reported = False
-            if len(hooks) >= COMMIT_AT or batch.skipped:
+            if len(hooks) >= COMMIT_AT:
                 observer.commit(batch, strand)  # else later: stats count it where it is
 
 
