@@ -92,7 +92,11 @@ class LoopLane(Lane):
         try:
             quiet_since = _now()
             while True:
-                if await self._dispatch() or self.queue or self._carriers:
+                did = await self._dispatch()
+                if did and self.queue and not self.router.slow():
+                    await asyncio.sleep(0)  # more came meanwhile: take it, after the others
+                    continue
+                if did or self.queue or self._carriers:
                     quiet_since = _now()
                 elif _now() - quiet_since >= LINGER_SECONDS and self._unschedule():
                     return

@@ -23,6 +23,8 @@ import asyncio
 import threading
 import time
 from collections import Counter, deque
+from itertools import repeat
+from operator import call as _call
 from typing import Any
 
 from ._compat import get_running_loop
@@ -448,6 +450,14 @@ class Router:
             self.held -= events
             self.claimed_events += events
             strand.taken = events
+            strand.controls = 0
+            return True
+        if not strand.marks:
+            # Only events, more than a chunk: ``take`` of them moved without a Python loop.
+            chunk.extend(map(_call, repeat(entries.popleft, take)))
+            self.held -= take
+            self.claimed_events += take
+            strand.taken = take
             strand.controls = 0
             return True
         events = controls = 0

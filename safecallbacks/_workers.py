@@ -38,7 +38,7 @@ NUDGE_EVERY = 0.005  # at most one nudge this often, over every lane of the proc
 NUDGE_SLEEP = 0.0002  # how long a nudging emitter lets go of the GIL
 _LAST_NUDGE = [0.0]
 BATCH = 512  # events one worker takes from one lane before giving others a turn
-COMMIT_AT = 256  # deliveries a strand's results gather before they are committed
+COMMIT_AT = 512  # deliveries a strand's results gather before they are committed
 MANY = 64  # strands one worker claims at once while deliveries are quick
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
@@ -157,14 +157,13 @@ class ThreadLane(Lane):
         batch = strand.batch
         durations, lags, hooks = batch.durations, batch.lags, batch.hooks
         started = _now()
-        taken = 0
+        taken = len(chunk)
         try:
             while True:
                 try:
                     entry = chunk.popleft()
                 except IndexError:
                     return taken
-                taken += 1
                 if entry.__class__ is not tuple:
                     batch = observer.commit(batch, strand)  # exact counts once a flush returns
                     durations, lags, hooks = batch.durations, batch.lags, batch.hooks
@@ -210,7 +209,7 @@ class ThreadLane(Lane):
                     if engine.wanted_mode is not None and engine.wanted_mode[2]:
                         # A thread-bound failure: what is queued is for the caller's thread.
                         self.parked = True
-                        return taken
+                        return taken - len(chunk)
                 elif breaker.consecutive:
                     observer.outcome(True)
                 if plan.tracks_runs:
