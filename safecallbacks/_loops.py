@@ -92,7 +92,13 @@ class LoopLane(Lane):
         try:
             quiet_since = _now()
             while True:
-                did = await self._dispatch()
+                try:
+                    did = await self._dispatch()
+                except Exception as exc:  # our own bug: never let it wedge the lane
+                    did = False
+                    self.engine.observer.announce_once(
+                        "internal", "internal_error", error_type=type(exc).__qualname__
+                    )
                 if did and self.queue and not self.router.slow():
                     await asyncio.sleep(0)  # more came meanwhile: take it, after the others
                     continue

@@ -452,7 +452,7 @@ class Router:
             strand.taken = events
             strand.controls = 0
             return True
-        if not strand.marks:
+        if not strand.marks and len(entries) > take:
             # Only events, more than a chunk: ``take`` of them moved without a Python loop.
             chunk.extend(map(_call, repeat(entries.popleft, take)))
             self.held -= take
