@@ -8,8 +8,9 @@ time. The events of a run, and of every run under it, follow the strand of
 its root, whichever thread emits them. Strands are delivered side by side, at
 most ``max_concurrency`` at once, but runs that did not overlap when emitted
 never are: a new root run waits (a ``Gate``) until every root run that ended
-before it started has been delivered. An event of a run the lane never saw
-start (a hook called by hand, a handler attached mid-run) is a *fence*:
+before it started has been delivered. While deliveries are quick one consumer
+takes many strands in turn; slow ones are spread over several. An event of a run
+the lane never saw start (a hook called by hand, a handler attached mid-run) is a *fence*:
 delivered alone, after everything before it and before anything after it.
 
 Nothing here runs on the token path: routing happens when a consumer claims
@@ -40,7 +41,7 @@ TAKE_MIN = 4  # entries a consumer claims from a strand at once, at least
 TAKE_START = 16
 TAKE_MAX = 256  # and at most: chunks grow while their deliveries take under QUICK each
 QUICK = 0.0002  # seconds per delivery under which chunks grow
-SLOW = 0.001  # seconds per delivery from which emitters are delivered side by side
+SLOW = 0.001  # seconds per delivery from which strands are spread over several consumers
 STALLED = 0.01  # a delivery in flight this long is slow too
 CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
@@ -94,14 +95,13 @@ class RunMark:
 
 
 class _Trace:
-    """A root run and every run under it: the strand they follow, and who emitted it."""
+    """A root run and every run under it: the strand they follow."""
 
-    __slots__ = ("key", "root", "shed", "strand")
+    __slots__ = ("root", "shed", "strand")
 
-    def __init__(self, root: Any, strand: Strand | None, key: object = None) -> None:
+    def __init__(self, root: Any, strand: Strand | None) -> None:
         self.root = root
         self.strand = strand
-        self.key = key
         self.shed = strand is None
 
 
@@ -386,7 +386,7 @@ class Router:
         strand.traces += 1
         if self.parallel and self.done_mark < self.ends_routed:
             self._append(strand, Gate(self.ends_routed))
-        self.runs[mark.run_id] = _Trace(mark.run_id, strand, mark.key)
+        self.runs[mark.run_id] = _Trace(mark.run_id, strand)
 
     def _run_ended(self, run_id: Any, trace: _Trace) -> None:
         self.runs.pop(run_id, None)
