@@ -170,7 +170,6 @@ class Router:
     def __init__(self, lane: Any, serial: bool) -> None:
         self.lane = lane
         self.serial = serial  # max_concurrency=1: one strand, the lane's exact order
-        self.parallel = not serial
         self.slow_seen = -CALM  # when a delivery last took SLOW or more
         self.lock = threading.Lock()
         self.strands: dict[object, Strand] = {}
@@ -262,11 +261,6 @@ class Router:
             self.slow_seen = now
             return True
         return False
-
-    def _close_index(self) -> int:
-        index = self.ends_routed
-        self.ends_routed += 1
-        return index
 
     def _release(self, strand: Strand) -> None:
         strand.busy = False
@@ -382,9 +376,9 @@ class Router:
         if mark.shed:
             self.runs[mark.run_id] = _Trace(mark.run_id, None)
             return
-        strand = self._strand(mark.key if self.parallel else FENCE)
+        strand = self._strand(FENCE if self.serial else mark.key)
         strand.traces += 1
-        if self.parallel and self.done_mark < self.ends_routed:
+        if not self.serial and self.done_mark < self.ends_routed:
             self._append(strand, Gate(self.ends_routed))
         self.runs[mark.run_id] = _Trace(mark.run_id, strand)
 
@@ -392,7 +386,8 @@ class Router:
         self.runs.pop(run_id, None)
         if run_id != trace.root:
             return
-        index = self._close_index()
+        index = self.ends_routed
+        self.ends_routed += 1
         strand = trace.strand
         if len(self.recent_ends) >= RECENT_ENDS:
             del self.recent_ends[next(iter(self.recent_ends))]
@@ -410,7 +405,7 @@ class Router:
             return False
         self._append(self._strand(FENCE), entry)
         self.held += 1
-        self.fenced = self.parallel
+        self.fenced = not self.serial
         return True
 
     def _barrier(self, barrier: Any) -> None:
