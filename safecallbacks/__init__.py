@@ -7,6 +7,9 @@ Four ways in::
     config = harden_config({"callbacks": [a]})  # every handler of a RunnableConfig
     safecallbacks.install()                     # every handler LangChain runs, from anywhere
 
+and ``with safecallbacks.scope() as s: ...; s.flush()`` to flush what one request
+emitted (``@scoped`` for a function, ``safecallbacks.asgi`` for an ASGI app).
+
 A hardened handler is still the handler: same class for ``isinstance``, same
 state, same data out. See the README for the guarantees and the measured
 problem they solve.
@@ -31,6 +34,7 @@ from ._handler import (
 from ._install import install, uninstall
 from ._options import Breaker
 from ._policy import register_inline, register_offload, register_plumbing
+from ._scope import Scope, scope, scoped
 from ._stats import HookStats, Stats, Summary
 from ._stopping import StopStream
 
@@ -38,6 +42,7 @@ __all__ = [
     "Breaker",
     "HookStats",
     "SafeHandler",
+    "Scope",
     "Stats",
     "StopStream",
     "Summary",
@@ -52,6 +57,8 @@ __all__ = [
     "register_inline",
     "register_offload",
     "register_plumbing",
+    "scope",
+    "scoped",
     "stats",
     "uninstall",
 ]

@@ -42,7 +42,7 @@ from ._observe import Batch, Observer
 from ._options import Options
 from ._queue import Barrier, Item, Lane, await_settled, inside_delivery, wait_settled
 from ._revisions import Revisions
-from ._runs import RunMark, Strand, emitter_key
+from ._runs import CURRENT_SCOPE, RunMark, Strand, emitter_key, note_dropped
 from ._stats import Stats, merge_stats
 from ._stopping import StopMarks, StopStream
 from ._workers import ThreadLane
@@ -232,8 +232,14 @@ class Engine(Revisions):
         lane.put_mark(self._run_mark(kwargs, ends))
 
     def _run_mark(self, kwargs: Mapping[str, Any], ends: bool) -> RunMark:
-        key = None if ends else emitter_key(self.async_only, self.bare_run_inline)
-        return RunMark(kwargs.get("run_id"), kwargs.get("parent_run_id"), key, ends)
+        run_id, parent = kwargs.get("run_id"), kwargs.get("parent_run_id")
+        if ends:
+            return RunMark(run_id, parent, None, ends)
+        scope = CURRENT_SCOPE.get()
+        if scope is not None:
+            scope.saw(self)
+        key = emitter_key(self.async_only, self.bare_run_inline)
+        return RunMark(run_id, parent, key, ends, scope)
 
     async def adeliver(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """What LangChain's async manager awaits for a hook in ``awaited_hooks``."""
@@ -405,7 +411,7 @@ class Engine(Revisions):
         run_id = kwargs.get("run_id")
         if hook in START_HOOKS:
             self.stops.remember_parent(run_id, kwargs)
-        if self.breaker.state != "closed" and not self.observer.admit(hook, run_id):
+        if self.breaker.state != "closed" and not self.observer.admit(hook, run_id, batch):
             return None
         call = calls.get(hook)
         if call is None:
@@ -448,6 +454,7 @@ class Engine(Revisions):
             strand.busy_since, strand.inflight = None, None
             lane.cut_off = True  # what is queued behind it is dropped too: never a hole
             self.observer.dropped(item[0], reason="shutdown")
+            note_dropped(strand, item[0])
             raise
         # GeneratorExit here is never the handler's: the loop was closed with this
         # consumer pending and it is being thrown away; reap_if_dead() accounts for it.

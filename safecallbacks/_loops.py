@@ -26,7 +26,7 @@ from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._isolation import first_step
 from ._observe import Batch
 from ._queue import CONSUMER_TASKS, LINGER_SECONDS, POLL_SECONDS, Lane, LaneOwner
-from ._runs import Strand
+from ._runs import Strand, note_dropped
 
 _now = time.monotonic
 RUN_HOOKS = START_HOOKS | END_HOOKS | PAIRED_HOOKS  # hooks with run bookkeeping to do
@@ -246,7 +246,7 @@ class LoopLane(Lane):
                                 max(deadline - _now(), 0.0),
                             )
                         finally:
-                            self.engine.observer.commit(batch)
+                            self.engine.observer.commit(batch, scope=strand.scope)
                 finally:
                     self.router.release(strand)
         except (TimeoutError, asyncio.CancelledError):
@@ -267,6 +267,7 @@ class LoopLane(Lane):
             for strand in self.router.busy_strands():
                 if strand.inflight is not None:  # its task died with the loop
                     observer.dropped(strand.inflight, reason="loop_closed")
+                    note_dropped(strand, strand.inflight)
                     strand.busy_since = strand.inflight = None
                 dropped = [e[0] for e in strand.chunk if e.__class__ is tuple]
                 for entry in strand.chunk:
@@ -275,6 +276,7 @@ class LoopLane(Lane):
                 strand.chunk.clear()
                 for hook in dropped:
                     observer.dropped(hook, reason="loop_closed")
+                    note_dropped(strand, hook)
                 self.router.release(strand)
             self.discard_all("loop_closed")
 

@@ -210,8 +210,9 @@ class Observer:
 
     # --- delivery side ---------------------------------------------------
 
-    def admit(self, hook: str, run_id: object) -> bool:
-        """Breaker check before delivering one event; a refusal is counted as skipped."""
+    def admit(self, hook: str, run_id: object, batch: Batch | None = None) -> bool:
+        """Breaker check before delivering one event; a refusal is counted as skipped
+        (in ``batch`` when given, so that it is committed with the strand's other results)."""
         breaker = self.breaker
         if breaker.state == "closed":
             return True
@@ -219,7 +220,9 @@ class Observer:
             allowed, entered = breaker.admit()
             if not allowed and hook.endswith(("_end", "_error")) and run_id in self._open_runs:
                 allowed = True  # let handlers that pair starts with ends close what they opened
-            if not allowed:
+            if not allowed and batch is not None:
+                batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
+            elif not allowed:
                 self._bump(hook, _SKIPPED, 1)
                 key = (hook, SKIPPED)
                 self._unreported[key] = self._unreported.get(key, 0) + 1
@@ -288,7 +291,7 @@ class Observer:
         if entered:
             self.breaker_changed(entered)
 
-    def commit(self, batch: Batch, holder: Any = None) -> Batch:
+    def commit(self, batch: Batch, holder: Any = None, scope: Any = None) -> Batch:
         """Record a batch of delivery attempts; returns a fresh batch.
 
         With ``holder`` (a lane), the fresh batch replaces ``holder.batch`` under
@@ -298,6 +301,8 @@ class Observer:
         with self._lock:
             if holder is not None:
                 holder.batch = fresh
+            if scope is None:
+                scope = getattr(holder, "scope", None)  # a strand of a request scope
             drops, self._unreported = self._unreported, {}
             self._duration.add_many(batch.durations)
             self._lag.add_many(batch.lags)
@@ -311,6 +316,8 @@ class Observer:
                 else:
                     self._bump(hook, _FAILED, count)
                     self._errors[error_name] = self._errors.get(error_name, 0) + count
+        if scope is not None:
+            scope.absorb(batch)  # after the swap: a scope's reader never counts it twice
         self._report_drops(drops)
         self.emit_pending()
         if not batch.durations:

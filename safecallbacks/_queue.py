@@ -119,10 +119,11 @@ class Barrier:
     set) only into the strand of that root run. It is released when every part is.
     """
 
-    __slots__ = ("_callbacks", "_done", "_lock", "_parts", "run")
+    __slots__ = ("_callbacks", "_done", "_lock", "_parts", "run", "scopes")
 
-    def __init__(self, run: Any = None) -> None:
+    def __init__(self, run: Any = None, scopes: frozenset[Any] | None = None) -> None:
         self.run = run
+        self.scopes = scopes  # a scope's flush: only the strands of these scopes
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
@@ -315,7 +316,7 @@ class Lane:
             depth = self.backlog()  # a token that finds it full: dropped, no routing needed
             self.high_water = max(self.high_water, depth)
             if depth >= limit:
-                engine.observer.dropped(item[0], reason="queue_full")
+                self._dropped_unrouted(item)
                 return False
             return True
         router = self.router
@@ -335,8 +336,14 @@ class Lane:
                     return True
         if item[0] in END_HOOKS:
             return True
-        engine.observer.dropped(item[0], reason="queue_full")
+        self._dropped_unrouted(item)
         return False
+
+    def _dropped_unrouted(self, item: Item, reason: str = "queue_full") -> None:
+        self.engine.observer.dropped(item[0], reason=reason)
+        scope = self.router.scope_of(item)
+        if scope is not None:
+            scope.dropped_unrouted(item[0])
 
     def _may_block(self) -> bool:
         return True
@@ -371,6 +378,9 @@ class Lane:
                 kind = entry.__class__
                 if kind is tuple:
                     dropped[entry[0]] += 1
+                    scope = self.router.scope_of(entry, on_emitter=False)
+                    if scope is not None:
+                        scope.dropped_unrouted(entry[0])
                     continue
                 self.control_left()
                 if kind is Barrier:

@@ -24,6 +24,7 @@ import asyncio
 import threading
 import time
 from collections import Counter, deque
+from contextvars import ContextVar
 from itertools import repeat
 from operator import call as _call
 from typing import Any
@@ -47,15 +48,22 @@ CALM = 1.0  # seconds without a slow delivery before one consumer is enough agai
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
 FENCE = object()  # the strand key of events whose run is unknown
 _NOTHING = object()
+_UNKNOWN: tuple[Any, Any, Any] = (_NOTHING, None, None)
+CURRENT_SCOPE: ContextVar[Any] = ContextVar("safecallbacks_scope", default=None)
+"""The request scope (``_scope.Scope``) the caller is in: read when a run starts."""
 
 
 class Gate:
-    """Placed before a new root run's events: open once ``after`` earlier root runs are done."""
+    """Placed before a new root run's events: open once ``after`` earlier root runs are done.
 
-    __slots__ = ("after",)
+    ``waits``: only those of them (the others belong to requests in progress side by side).
+    """
 
-    def __init__(self, after: int) -> None:
+    __slots__ = ("after", "waits")
+
+    def __init__(self, after: int, waits: frozenset[int] | None = None) -> None:
         self.after = after
+        self.waits = waits
 
 
 class TraceEnd:
@@ -84,24 +92,28 @@ class RunMark:
     ``shed``: the start was dropped for lack of room; the whole run goes with it.
     """
 
-    __slots__ = ("ends", "key", "parent_run_id", "run_id", "shed")
+    __slots__ = ("ends", "key", "parent_run_id", "run_id", "scope", "shed")
 
-    def __init__(self, run_id: Any, parent_run_id: Any, key: object, ends: bool) -> None:
+    def __init__(
+        self, run_id: Any, parent_run_id: Any, key: object, ends: bool, scope: Any = None
+    ) -> None:
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.key = key
         self.ends = ends
+        self.scope = scope  # the request scope the run was started in (``_scope``)
         self.shed = False
 
 
 class _Trace:
     """A root run and every run under it: the strand they follow."""
 
-    __slots__ = ("root", "shed", "strand")
+    __slots__ = ("root", "scope", "shed", "strand")
 
-    def __init__(self, root: Any, strand: Strand | None) -> None:
+    def __init__(self, root: Any, strand: Strand | None, scope: Any = None) -> None:
         self.root = root
         self.strand = strand
+        self.scope = scope
         self.shed = strand is None
 
 
@@ -114,11 +126,14 @@ class Strand:
         "busy_since",
         "chunk",
         "controls",
+        "dropped",
         "entries",
         "inflight",
         "key",
         "marks",
         "queued",
+        "routed",
+        "scope",
         "settle_gave_up",
         "stuck_reported",
         "take",
@@ -126,8 +141,12 @@ class Strand:
         "traces",
     )
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, scope: Any = None) -> None:
         self.key = key
+        self.scope = scope  # a request scope's runs go to strands of their own
+        # A scope's events routed here and dropped from here, per hook (scoped strands only).
+        self.routed: dict[str, int] | None = None if scope is None else {}
+        self.dropped: dict[str, int] | None = None if scope is None else {}
         self.entries: deque[Any] = deque()  # routed, not claimed (only under Router.lock)
         self.chunk: deque[Any] = deque()  # claimed, being delivered (only by its consumer)
         self.busy = False
@@ -177,6 +196,8 @@ class Router:
         self.runnable: deque[Strand] = deque()
         self.gated: list[Strand] = []
         self.recent_ends: dict[Any, Strand | None] = {}
+        self.end_scopes: dict[int, Any] = {}  # scope of each ended root not yet done
+        self.scoped = False  # some root run was started in a scope
         self.ends_routed = 0
         self.done_mark = 0
         self.done_early: set[int] = set()
@@ -184,7 +205,7 @@ class Router:
         self.claimed: set[Strand] = set()  # strands being delivered
         self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
-        self._last: tuple[Any, Any] = (_NOTHING, None)  # see pump
+        self._last: tuple[Any, Any, Any] = _UNKNOWN  # see pump
         self.pumped_at = 0.0
 
     # --- what the lane and its consumers ask ---------------------------------------
@@ -275,6 +296,14 @@ class Router:
         strand.controls = 0
         self._after(strand)
 
+    def scope_of(self, item: Any, on_emitter: bool = True) -> Any:
+        """The scope of an event dropped before routing: its run's, else (on the
+        emitting thread) the emitter's."""
+        trace = self.runs.get(item[2].get("run_id"))
+        if trace is not None:
+            return trace.scope
+        return CURRENT_SCOPE.get() if on_emitter else None
+
     def reached(self, entry: Any, strand: Strand | None = None) -> None:
         """A barrier's part or a root run's end reached the head of its strand."""
         if strand is not None:
@@ -300,6 +329,7 @@ class Router:
         ends = END_HOOKS
         last_run: Any = _NOTHING
         append: Any = None
+        routed: dict[str, int] | None = None
         held = 0
         while True:
             try:
@@ -313,12 +343,14 @@ class Router:
             ):
                 append(entry)
                 held += 1
+                if routed is not None:
+                    routed[entry[0]] = routed.get(entry[0], 0) + 1
                 continue
             if not route(entry):
                 queue.appendleft(entry)
                 break
             if entry.__class__ is tuple:
-                last_run, append = self._last
+                last_run, append, routed = self._last
             else:
                 lane.control_left()
                 last_run = _NOTHING
@@ -335,15 +367,21 @@ class Router:
                 return self._fence(entry)
             if self.fenced:
                 return False
-            self._last = (_NOTHING, None)
-            if trace.strand is None:  # its start was shed: so is everything of it
+            self._last = _UNKNOWN
+            strand = trace.strand
+            if strand is None:  # its start was shed: so is everything of it
                 self.lane.engine.observer.dropped(entry[0], reason="queue_full")
+                if trace.scope is not None:
+                    trace.scope.dropped_unrouted(entry[0])
             else:
-                self._append(trace.strand, entry)
+                self._append(strand, entry)
                 self.held += 1
-                self._last = (run_id, trace.strand.entries.append)
+                routed = strand.routed
+                if routed is not None:
+                    routed[entry[0]] = routed.get(entry[0], 0) + 1
+                self._last = (run_id, strand.entries.append, routed)
             if entry[0] in END_HOOKS:
-                self._last = (_NOTHING, None)
+                self._last = _UNKNOWN
                 self._run_ended(run_id, trace)
             return True
         if kind is RunMark:
@@ -359,10 +397,14 @@ class Router:
         self._barrier(entry)
         return True
 
-    def _strand(self, key: object) -> Strand:
+    def _strand(self, key: object, scope: Any = None) -> Strand:
+        if scope is not None:
+            key = (key, scope)
         strand = self.strands.get(key)
         if strand is None:
-            strand = self.strands[key] = Strand(key)
+            strand = self.strands[key] = Strand(key, scope)
+            if scope is not None:
+                scope.attach(strand)
         return strand
 
     def _run_started(self, mark: RunMark) -> None:
@@ -370,17 +412,46 @@ class Router:
         trace = self.runs.get(parent) if parent is not None else None
         if trace is not None:
             if mark.shed and trace.strand is not None:
-                trace = _Trace(None, None)  # a child run shed: only its subtree goes
+                trace = _Trace(None, None, trace.scope)  # a child run shed: only its subtree
             self.runs[mark.run_id] = trace
             return
+        scope = mark.scope
         if mark.shed:
-            self.runs[mark.run_id] = _Trace(mark.run_id, None)
+            self.runs[mark.run_id] = _Trace(mark.run_id, None, scope)
             return
-        strand = self._strand(FENCE if self.serial else mark.key)
+        if scope is not None:
+            self.scoped = True
+        strand = self._strand(FENCE if self.serial else mark.key, scope)
         strand.traces += 1
-        if not self.serial and self.done_mark < self.ends_routed:
-            self._append(strand, Gate(self.ends_routed))
-        self.runs[mark.run_id] = _Trace(mark.run_id, strand)
+        if (not self.serial or self.scoped) and self.done_mark < self.ends_routed:
+            gate = self._gate(scope)
+            if gate is not None:
+                self._append(strand, gate)
+        self.runs[mark.run_id] = _Trace(mark.run_id, strand, scope)
+
+    def _gate(self, scope: Any) -> Gate | None:
+        """What a new root run of ``scope`` waits for: the root runs that ended before it,
+        except those of other requests still in progress (bare, they run side by side)."""
+        if scope is None or not self.end_scopes:
+            return Gate(self.ends_routed)
+        own = scope.root
+        waits = frozenset(
+            index
+            for index in range(self.done_mark, self.ends_routed)
+            if index not in self.done_early and not _side_by_side(self.end_scopes.get(index), own)
+        )
+        if not waits:
+            return None
+        return Gate(max(waits) + 1, waits)
+
+    def _opened(self, gate: Gate) -> bool:
+        if gate.after <= self.done_mark:
+            return True
+        waits = gate.waits
+        if waits is None:
+            return False
+        done_mark, early = self.done_mark, self.done_early
+        return all(index < done_mark or index in early for index in waits)
 
     def _run_ended(self, run_id: Any, trace: _Trace) -> None:
         self.runs.pop(run_id, None)
@@ -392,6 +463,8 @@ class Router:
         if len(self.recent_ends) >= RECENT_ENDS:
             del self.recent_ends[next(iter(self.recent_ends))]
         self.recent_ends[run_id] = strand
+        if trace.scope is not None:
+            self.end_scopes[index] = trace.scope
         if strand is None:
             self._done(index)
             return
@@ -400,7 +473,7 @@ class Router:
 
     def _fence(self, entry: Any) -> bool:
         """An event of an unknown run: alone, after everything before it."""
-        self._last = (_NOTHING, None)
+        self._last = _UNKNOWN
         if any(s.active() for k, s in self.strands.items() if k is not FENCE):
             return False
         self._append(self._strand(FENCE), entry)
@@ -411,9 +484,12 @@ class Router:
     def _barrier(self, barrier: Any) -> None:
         """Into every strand holding something; a settle barrier only into its run's."""
         run = barrier.run
+        scopes = barrier.scopes
         if run is not None and run in self.recent_ends:
             found = self.recent_ends.pop(run)
             targets = [found] if found is not None and found.active() else []
+        elif scopes is not None:
+            targets = [s for s in self.strands.values() if s.scope in scopes and s.active()]
         else:
             targets = [s for s in self.strands.values() if s.active()]
         barrier.expect(len(targets))
@@ -429,7 +505,7 @@ class Router:
 
     def _schedule(self, strand: Strand) -> None:
         head = strand.entries[0]
-        if head.__class__ is Gate and head.after > self.done_mark:
+        if head.__class__ is Gate and not self._opened(head):
             if strand not in self.gated:
                 self.gated.append(strand)
             return
@@ -459,7 +535,7 @@ class Router:
         while entries and len(chunk) < take:
             entry = entries[0]
             if entry.__class__ is Gate:
-                if entry.after > self.done_mark:
+                if not self._opened(entry):
                     break
                 entries.popleft()
                 strand.marks -= 1
@@ -488,18 +564,23 @@ class Router:
                 self.fenced = False
             del self.strands[strand.key]
             self.lane.engine.observer.commit(strand.batch, strand)
+            if strand.scope is not None:
+                strand.scope.retire(strand)
 
     def _done(self, index: int) -> None:
+        self.end_scopes.pop(index, None)
         if index != self.done_mark:
             self.done_early.add(index)
-            return
-        self.done_mark += 1
-        while self.done_mark in self.done_early:
-            self.done_early.discard(self.done_mark)
+            if not self.scoped:
+                return  # only a gate with ``waits`` can open before ``done_mark`` moves
+        else:
             self.done_mark += 1
+            while self.done_mark in self.done_early:
+                self.done_early.discard(self.done_mark)
+                self.done_mark += 1
         for strand in list(self.gated):
             head = strand.entries[0] if strand.entries else None
-            if head is None or head.__class__ is not Gate or head.after <= self.done_mark:
+            if head is None or head.__class__ is not Gate or self._opened(head):
                 self.gated.remove(strand)
                 if not strand.busy and not strand.queued and strand.entries:
                     strand.queued = True
@@ -525,6 +606,7 @@ class Router:
         del strand.entries[index]
         self.held -= 1
         self.lane.engine.observer.dropped(victim[0], reason="queue_full")
+        note_dropped(strand, victim[0])
         return True
 
     def discard_all(self, reason: str) -> Counter[str]:
@@ -542,6 +624,7 @@ class Router:
                     kind = entry.__class__
                     if kind is tuple:
                         dropped[entry[0]] += 1
+                        note_dropped(strand, entry[0])
                     elif kind is Part:
                         entry.whole.release_part()
                     elif kind is TraceEnd:
@@ -562,6 +645,11 @@ class Router:
         for strand in list(self.strands.values()):
             if not strand.busy:
                 taken.extend(strand.entries)
+                routed = strand.routed
+                if routed is not None:  # delivered inline now, or routed again: not counted twice
+                    for entry in strand.entries:
+                        if entry.__class__ is tuple:
+                            routed[entry[0]] -= 1
                 strand.entries.clear()
                 strand.marks = 0
                 self._after(strand)
@@ -616,3 +704,15 @@ def _sheddable(entries: deque[Any], oldest: bool) -> tuple[int, float] | None:
         if entry.__class__ is tuple and entry[0] not in RUN_BOUNDARIES:
             return index, entry[4]
     return None
+
+
+def _side_by_side(other: Any, own: Any) -> bool:
+    """Whether a root run of scope ``other`` belongs to another request still in progress."""
+    return other is not None and other.root is not own and other.root.open
+
+
+def note_dropped(strand: Strand, hook: str, count: int = 1) -> None:
+    """Count events dropped from ``strand`` towards its scope (the observer counts them too)."""
+    dropped = strand.dropped
+    if dropped is not None:
+        dropped[hook] = dropped.get(hook, 0) + count

@@ -41,6 +41,7 @@ BATCH = 512  # events one worker takes from one lane before giving others a turn
 COMMIT_AT = 512  # deliveries a strand's results gather before they are committed
 MANY = 64  # strands one worker claims at once while deliveries are quick
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
+SLOW_POLL = 0.01  # how often, while some lane's deliveries are slow
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
 WATCHDOG_OUTLIVES = 12  # the watchdog stays this many worker idle-exit times after them
@@ -183,7 +184,7 @@ class ThreadLane(Lane):
                         # Skipped without the observer's lock: counted with the batch.
                         batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
                         continue
-                    if not observer.admit(hook, kwargs.get("run_id")):
+                    if not observer.admit(hook, kwargs.get("run_id"), batch):
                         continue
                 strand.busy_since, strand.inflight = started, hook
                 failed = False
@@ -425,7 +426,16 @@ class Pool:
                     # on the emitting thread.
                     self.watchdog = None
                     return
-                self.watch.wait(POLL_SECONDS if self.lingering or self.ready else WATCHDOG_SECONDS)
+                self.watch.wait(self._next_poll())
+
+    def _next_poll(self) -> float:
+        """Soon while lanes wait; every SLOW_POLL while slow deliveries run (events of other
+        runs arriving meanwhile need another worker); else only to look for hung ones."""
+        if self.lingering or self.ready:
+            return POLL_SECONDS
+        if any(lane.router.slow() for lane in self.busy):
+            return SLOW_POLL
+        return WATCHDOG_SECONDS
 
     def _write_logs(self) -> None:
         """Write lines emitters queued (a drop, an event after close), pool lock released."""
