@@ -20,6 +20,12 @@ p50 / p99, the time from the last stream's end until ``flush()`` / ``aflush()`` 
 ("backlog gone after") and the runs the sink saw complete (start, every token, end) and
 in order.
 
+Two *floors* show what moving the sink off the stream costs at the least, with none of
+the guarantees: the sync sink called by 32 threads reading one ``queue.Queue`` that a
+``run_inline`` handler fills, and (A only) the async sink started as one task per event on
+the emitting loop. Where a floor is itself above the 1.15x goal, the goal is out of reach
+for any dispatch on this machine: the sink's own cost lands on the streams' cores.
+
     python benchmarks/shared_sink.py [--quick] [--max-concurrency N]
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import queue
 import sys
 import threading
 import time
@@ -172,6 +179,86 @@ class AsyncSink(AsyncCallbackHandler):
         self.record.add(run_id, "error")
 
 
+# --------------------------------------------------------------------------- floors
+
+
+class ThreadFloor(BaseCallbackHandler):
+    """What any hand-off to threads costs, at least: a ``run_inline`` handler that puts each
+    event on a ``queue.Queue`` read by ``workers`` threads that call the sink. No isolation,
+    no bound, no accounting, no order within a run: a floor, not an alternative."""
+
+    run_inline = True
+
+    def __init__(self, sink: SyncSink, workers: int) -> None:
+        self.sink = sink
+        self.record = sink.record
+        self.queue: queue.Queue[tuple[str, tuple[Any, ...], dict[str, Any]] | None] = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self._work, daemon=True, name=f"floor-{i}")
+            for i in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                hook, args, kwargs = item
+                getattr(self.sink, hook)(*args, **kwargs)
+            finally:
+                self.queue.task_done()
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(("on_chat_model_start", args, kwargs))
+
+    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(("on_llm_new_token", args, kwargs))
+
+    def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(("on_llm_end", args, kwargs))
+
+    def drain(self) -> None:
+        self.queue.join()
+        for _ in self.threads:
+            self.queue.put(None)
+
+
+class TaskFloor(BaseCallbackHandler):
+    """What delivering an async sink on the emitting loop costs, at least: a ``run_inline``
+    handler that starts one task per event. No isolation, order, bound or accounting."""
+
+    run_inline = True
+
+    def __init__(self, sink: AsyncSink) -> None:
+        self.sink = sink
+        self.record = sink.record
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(getattr(self.sink, hook)(*args, **kwargs))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self._spawn("on_chat_model_start", args, kwargs)
+
+    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+        self._spawn("on_llm_new_token", args, kwargs)
+
+    def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+        self._spawn("on_llm_end", args, kwargs)
+
+    async def adrain(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+
+
+FLOOR_WORKERS = 32  # as many threads as the hardened wrapper may use (max_concurrency)
+
+
 # --------------------------------------------------------------------------- configurations
 
 
@@ -181,6 +268,7 @@ class Config:
     label: str
     sink: type[SyncSink] | type[AsyncSink] | None = None
     hardened: bool = False
+    floor: bool = False  # the sink behind the least dispatch that moves it off the stream
 
 
 CONFIGS = [
@@ -189,6 +277,8 @@ CONFIGS = [
     Config("bare_async", "bare async sink", AsyncSink),
     Config("h_sync", "hardened sync sink", SyncSink, hardened=True),
     Config("h_async", "hardened async sink", AsyncSink, hardened=True),
+    Config("floor_sync", "floor: sync sink on 32 threads", SyncSink, floor=True),
+    Config("floor_async", "floor: async sink, a task per event", AsyncSink, floor=True),
 ]
 
 
@@ -263,6 +353,10 @@ def make_handler(
     if cfg.sink is None:
         return None
     sink = cfg.sink(sizes.sink_s, stamps)
+    if cfg.floor:
+        if isinstance(sink, SyncSink):
+            return ThreadFloor(sink, FLOOR_WORKERS)
+        return TaskFloor(sink)
     return lib.harden(sink, **options) if cfg.hardened and lib is not None else sink
 
 
@@ -337,6 +431,10 @@ async def _scenario_async(
     if cfg.hardened and lib is not None:
         flushed = bool(await lib.aflush(handler, timeout=sizes.flush_timeout))
         backlog_s = time.perf_counter() - last
+    elif isinstance(handler, TaskFloor):
+        await handler.adrain()
+    elif isinstance(handler, ThreadFloor):
+        await asyncio.to_thread(handler.drain)
     run = finish(cfg, handler, sizes, last - t0, errors, backlog_s, flushed)
     run.last_chunk_s = max(seen) - t0
     if cfg.hardened and lib is not None:
@@ -396,6 +494,8 @@ def scenario_threads(
     if cfg.hardened and lib is not None:
         flushed = bool(lib.flush(handler, timeout=sizes.flush_timeout))
         backlog_s = time.perf_counter() - last
+    elif isinstance(handler, ThreadFloor):
+        handler.drain()
     run = finish(cfg, handler, sizes, last - t0, len(errors), backlog_s, flushed)
     run.last_chunk_s = max(seen) - t0
     if cfg.hardened and lib is not None:
@@ -619,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 sink_s,
                 args.flush_timeout,
             ),
-            configs,
+            [cfg for cfg in configs if cfg.key != "floor_async"],  # no loop to task on
         ),
     ]
     scenarios = [s for s in scenarios if args.only in (None, s.key)]

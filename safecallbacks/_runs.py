@@ -230,7 +230,12 @@ class Router:
         return not self.strands or not any(s.active() for s in list(self.strands.values()))
 
     def claim(
-        self, limit: int, done: list[Strand] | None = None, seconds: float = 0.0, many: int = 1
+        self,
+        limit: int,
+        done: list[Strand] | None = None,
+        seconds: float = 0.0,
+        many: int = 1,
+        alone: bool = False,
     ) -> list[Strand]:
         """Up to ``many`` runnable strands, some of each one's entries moved to its chunk.
 
@@ -254,6 +259,8 @@ class Router:
             self.pump()
             # Many strands for one consumer in turn (quick deliveries) count as one.
             room = many if many > 1 else limit - len(self.claimed)
+            if alone:  # a worker thread delivering slow strands: one at a time, others spread
+                room = min(room, 1)
             while self.runnable and len(claimed) < room:
                 strand = self.runnable.popleft()
                 strand.queued = False
@@ -264,9 +271,10 @@ class Router:
                 claimed.append(strand)
         return claimed
 
-    def release(self, strand: Strand, seconds: float = 0.0) -> None:
-        """A consumer is done with ``strand``'s chunk (after ``seconds``)."""
-        slow = _resize(strand, seconds)
+    def release(self, strand: Strand, seconds: float = 0.0, resize: bool = True) -> None:
+        """A consumer is done with ``strand``'s chunk (after ``seconds``; ``resize``: the
+        chunk was delivered, so its time tells how big the next one should be)."""
+        slow = _resize(strand, seconds) if resize else False
         with self.lock:
             self._release(strand)
             if slow:

@@ -219,6 +219,7 @@ class Scope:
         errors: dict[str, int] = {}
         duration, lag = Estimator(), Estimator()
         scopes = self.family()
+        _route_queued(scopes)
         for scope in scopes:
             scope._read_outcomes(rows, errors, duration, lag)
         emitted: dict[str, int] = {}
@@ -288,6 +289,20 @@ class Scope:
             _add_counts(into, self._emitted)
             for strand in self._strands:
                 _add_counts(into, _copied(strand.routed or {}))
+
+
+def _route_queued(scopes: list[Scope]) -> None:
+    """Route what the scopes' lanes hold unrouted (their consumers may be busy for long),
+    so that a snapshot counts every event emitted so far, not only the routed ones."""
+    engines: set[Any] = set()
+    for scope in scopes:
+        with scope._lock:
+            engines.update(scope._engines)
+    for engine in engines:
+        for lane in engine.lanes():
+            if lane.queue:
+                with lane.router.lock:
+                    lane.router.pump()
 
 
 def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:

@@ -27,7 +27,7 @@ from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._observe import WAITING_TO_LOG, write_waiting_logs
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Lane, mark_delivery_thread
-from ._runs import Strand
+from ._runs import SLOW, Strand
 from ._stopping import StopStream
 
 _now = time.monotonic
@@ -108,7 +108,9 @@ class ThreadLane(Lane):
         try:
             while budget > 0 and not self.parked:
                 slow = router.slow()
-                claimed = router.claim(self.limit(), done, _now() - began, 1 if slow else MANY)
+                claimed = router.claim(
+                    self.limit(), done, _now() - began, 1 if slow else MANY, alone=slow
+                )
                 done = []
                 if not claimed:
                     return
@@ -122,9 +124,17 @@ class ThreadLane(Lane):
                     except IndexError:
                         break
                     done.append(strand)
-                    budget -= self._deliver(strand, plans)
+                    delivered_at = _now()
+                    taken = self._deliver(strand, plans)
+                    budget -= taken
                     if self.parked:
                         break
+                    if waiting and _now() - delivered_at >= SLOW * max(taken, 1):
+                        # Slow deliveries: the strands claimed behind this one go to other
+                        # workers now, rather than wait for this worker one after another.
+                        router.slow_seen = _now()
+                        self.hand_back(waiting)
+                        pool().spread(self)
         finally:
             del self.waiting[threading.get_ident()]
             for strand in (*done, *waiting):
@@ -135,12 +145,16 @@ class ThreadLane(Lane):
     def take_back(self) -> None:
         """Watchdog: a delivery is stuck; strands claimed behind it go to other workers."""
         for waiting in list(self.waiting.values()):
-            while True:
-                try:
-                    strand = waiting.popleft()
-                except IndexError:
-                    break
-                self.router.release(strand)
+            self.hand_back(waiting)
+
+    def hand_back(self, waiting: deque[Strand]) -> None:
+        """Release strands claimed but not begun (popped here or by their worker: once)."""
+        while True:
+            try:
+                strand = waiting.popleft()
+            except IndexError:
+                break
+            self.router.release(strand, resize=False)
 
     def _deliver(self, strand: Strand, plans: dict[str, _Plan]) -> int:
         """Deliver a strand's chunk; the loop is kept lean on purpose (it is per event).
@@ -340,6 +354,8 @@ class Pool:
         self.ready.append(lane)
         if self.idle:
             self.cond.notify()
+        elif self.watchdog is not None:
+            self.watch.notify()  # it adds a worker if none frees up within SPAWN_DELAY
 
     def _spawn(self) -> None:
         if len(self.threads) >= MAX_WORKERS:
