@@ -11,8 +11,8 @@ and ``with safecallbacks.scope() as s: ...; s.flush()`` to flush what one reques
 emitted (``@scoped`` for a function, ``safecallbacks.asgi`` for an ASGI app).
 
 A hardened handler is still the handler: same class for ``isinstance``, same
-state, same data out. See the README for the guarantees and the measured
-problem they solve.
+state, same data out. See the documentation (``docs/``) for the guarantees and the
+measured problem they solve.
 """
 
 from __future__ import annotations

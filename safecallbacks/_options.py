@@ -129,7 +129,7 @@ def _option(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
 
 @dataclass(frozen=True)
 class Options:
-    """The validated settings of one hardened handler (see the README's Options table)."""
+    """The validated settings of one hardened handler (see the Options table in docs/ways-in.md)."""
 
     mode: Mode = _option("auto", _one_of(MODES), "auto | offload | inline")
     max_queue: int = _option(10_000, _count, "events a handler's queue holds")

@@ -29,7 +29,7 @@ CHUNKS = 2 * TOKENS - 1
 
 
 class Audit(SafeHandler):
-    """The README's example: a sync token hook and an async end hook."""
+    """The docs' example (ways-in.md): a sync token hook and an async end hook."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1074,7 +1074,7 @@ def test_a_fork_while_another_thread_holds_a_package_lock_leaves_the_child_worki
 
 
 class SeesLater(BaseCallbackHandler):
-    """Reads the first chunk only once the consumer has had it (README: by reference)."""
+    """Reads the first chunk only once the consumer has had it (docs: by reference)."""
 
     def __init__(self) -> None:
         self.mutated = threading.Event()

@@ -497,8 +497,8 @@ class StopAtOnce(BaseCallbackHandler):
 
 
 async def test_ainvoke_turns_a_stop_into_an_attribute_error_as_the_readme_says() -> None:
-    # Pins langchain-core's agenerate (README: "use astream"); if this starts to fail,
-    # a stop reaches ainvoke as it is and the README's advice can go.
+    # Pins langchain-core's agenerate (docs/guarantees.md: "use astream"); if this starts to fail,
+    # a stop reaches ainvoke as it is and the docs' advice can go.
     model = StreamingFake(tokens=TOKENS[:5], interval=0.0)
     with pytest.raises(AttributeError, match="'StopStream' object has no attribute"):
         await model.ainvoke("hi", config={"callbacks": [harden(StopAtOnce(), mode="inline")]})

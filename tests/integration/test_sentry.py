@@ -315,7 +315,7 @@ def same_executor_names(value: Any) -> Any:
 
     Sentry records the thread each span started on. On the async path bare LangChain
     runs a sync hook in its executor (a thread hop per event); a hardened handler is
-    called on the loop's thread instead, by design (README: "What differs on purpose").
+    called on the loop's thread instead, by design (docs/modes.md: "What differs on purpose").
     The thread name is the only trace of that, so executor threads count as the loop's.
     """
     if isinstance(value, dict):

@@ -201,7 +201,7 @@ def test_page_same_hardened_as_bare(
         if flush:
             assert hardened["run"]["flushed"], "flush() timed out"
         if method == "astream":
-            # Different on purpose (README, "What differs on purpose"): bare, LangChain's
+            # Different on purpose (docs/modes.md, "What differs on purpose"): bare, LangChain's
             # async manager runs this sync handler's hooks on executor threads, where
             # Streamlit has no session, so the bare page shows none of them. Hardened, they
             # run on the caller's thread, where the session is: the reply is on the page.
