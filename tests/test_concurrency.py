@@ -1143,3 +1143,72 @@ def test_random_schedules_never_deliver_more_concurrently_than_bare(
     if cap is not None:
         assert gauge.max_active <= cap
     check_accounted(safe, emission)
+
+
+# --------------------------------------------------------------------------------------------
+# Slow, not stalled: a token-only forwarder shared by many streams
+# --------------------------------------------------------------------------------------------
+
+
+class TokenForwarder(BaseCallbackHandler):
+    """Forwards tokens only (a websocket pusher, a metrics exporter): no start or end hooks
+    of its own, 2 ms per token, never long enough for the watchdog to call it stalled."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most = 0
+        self.tokens: dict[UUID, list[str]] = defaultdict(list)
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.002)
+        with self.lock:
+            self.inside -= 1
+            self.tokens[run_id].append(token)
+
+
+SPREAD_STREAMS = 8
+SPREAD_TOKENS = 20
+
+
+def check_forwarded(forwarder: TokenForwarder, safe: Any) -> None:
+    want = make_tokens(SPREAD_TOKENS, "w")
+    assert safecallbacks.flush(safe, FLUSH)
+    assert len(forwarder.tokens) == SPREAD_STREAMS
+    for tokens in forwarder.tokens.values():
+        assert tokens == want  # every token of each run, in order
+    assert_accounted(safecallbacks.stats(safe))
+    # Bare, each stream calls it from its own thread or executor hop: 8 at once. One
+    # worker going through every stream's 2 ms tokens in turn would keep this at 1 or 2.
+    assert forwarder.most >= SPREAD_STREAMS // 2, forwarder.most
+
+
+async def test_slow_tokens_of_concurrent_astreams_are_spread_over_workers() -> None:
+    forwarder = TokenForwarder()
+    safe = offload(forwarder)
+    model = PacedFakeChatModel(tokens=make_tokens(SPREAD_TOKENS, "w"), interval=0.005)
+
+    async def one() -> None:
+        async for _ in model.astream("hi", config={"callbacks": [safe]}):
+            pass
+
+    await asyncio.gather(*(one() for _ in range(SPREAD_STREAMS)))
+    await asyncio.to_thread(check_forwarded, forwarder, safe)
+
+
+def test_slow_tokens_of_concurrent_thread_streams_are_spread_over_workers() -> None:
+    forwarder = TokenForwarder()
+    safe = offload(forwarder)
+    model = PacedFakeChatModel(tokens=make_tokens(SPREAD_TOKENS, "w"), interval=0.005)
+    together = threading.Barrier(SPREAD_STREAMS, timeout=5)
+
+    def one() -> None:
+        together.wait()
+        for _ in model.stream("hi", config={"callbacks": [safe]}):
+            pass
+
+    run_threads([one for _ in range(SPREAD_STREAMS)])
+    check_forwarded(forwarder, safe)
