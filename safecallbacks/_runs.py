@@ -125,6 +125,7 @@ class Strand:
         "busy",
         "busy_since",
         "chunk",
+        "claimed_at",
         "controls",
         "dropped",
         "entries",
@@ -157,6 +158,7 @@ class Strand:
         self.marks = 0  # gates, barrier parts and run ends in ``entries``
         self.take = TAKE_START  # entries claimed at once: more while deliveries are quick
         self.busy_since: float | None = None
+        self.claimed_at = 0.0  # when its consumer claimed its chunk
         self.inflight: str | None = None
         self.batch = Batch()  # results not yet committed to the observer
         self.stuck_reported = False
@@ -257,6 +259,7 @@ class Router:
                 if slow:
                     self.slow_seen = _now()
             self.pump()
+            now = self.pumped_at
             # Many strands for one consumer in turn (quick deliveries) count as one.
             room = many if many > 1 else limit - len(self.claimed)
             if alone:  # a worker thread delivering slow strands: one at a time, others spread
@@ -267,6 +270,7 @@ class Router:
                 if strand.busy or not self._take(strand, strand.take):
                     continue
                 strand.busy = True
+                strand.claimed_at = now
                 self.claimed.add(strand)
                 claimed.append(strand)
         return claimed
@@ -285,8 +289,12 @@ class Router:
         return _now() - self.slow_seen < CALM
 
     def stalled(self, now: float) -> bool:
-        """Watchdog: True when a delivery has been in flight for STALLED (slow too)."""
-        if any(s.busy_since is not None and now - s.busy_since > STALLED for s in self.claimed):
+        """Watchdog: True when a strand has been delivered for STALLED (slow too).
+
+        Counted from its claim, not from its delivery in flight: a watchdog polling
+        in step with deliveries as long as its period would never see one that old.
+        """
+        if any(s.busy_since is not None and now - s.claimed_at > STALLED for s in self.claimed):
             self.slow_seen = now
             return True
         return False

@@ -42,6 +42,7 @@ COMMIT_AT = 512  # deliveries a strand's results gather before they are committe
 MANY = 64  # strands one worker claims at once while deliveries are quick
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SLOW_POLL = 0.01  # how often, while some lane's deliveries are slow
+BUSY_POLL = 0.05  # how often, while workers deliver (a stuck one is found this soon)
 SPAWN_DELAY = 0.01  # a ready lane waiting this long with every worker busy gets a new worker
 MAX_WORKERS = 64
 WATCHDOG_OUTLIVES = 12  # the watchdog stays this many worker idle-exit times after them
@@ -451,6 +452,8 @@ class Pool:
             return POLL_SECONDS
         if any(lane.router.slow() for lane in self.busy):
             return SLOW_POLL
+        if self.busy:
+            return BUSY_POLL  # a delivery may be stuck behind which other runs wait
         return WATCHDOG_SECONDS
 
     def _write_logs(self) -> None:
