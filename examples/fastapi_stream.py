@@ -21,6 +21,10 @@ The streaming part follows a few rules that matter in production:
 * Hardened per-request handlers are flushed *after* the last byte went out, with a bounded
   timeout, so a slow handler never holds the response open.
 * ``X-Accel-Buffering: no`` tells nginx not to buffer the stream.
+
+With ``opentelemetry-sdk`` and ``opentelemetry-exporter-prometheus`` installed, the app also
+serves the package's OpenTelemetry metrics at ``/metrics`` for Prometheus to scrape (see
+``dashboards/safecallbacks.json``); without them it runs the same, with no ``/metrics``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any, Literal, cast
 
 import anyio
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     BaseCallbackHandler,
@@ -64,6 +68,7 @@ __all__ = [
     "create_app",
     "make_handler",
     "make_text",
+    "prometheus_meter_provider",
 ]
 
 Route = Literal["bare", "safe"]
@@ -268,6 +273,56 @@ async def _body(
 
 
 # --------------------------------------------------------------------------------------------
+# Metrics for Prometheus (optional)
+# --------------------------------------------------------------------------------------------
+
+# Histogram buckets in seconds, from 100 µs to 10 s. The OpenTelemetry SDK's default buckets
+# (0, 5, 10, 25, ... 10000) suit milliseconds, and would put every delivery in the first one.
+SECONDS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+def prometheus_meter_provider() -> Any | None:
+    """An OpenTelemetry SDK ``MeterProvider`` whose metrics ``/metrics`` serves.
+
+    ``None`` when ``opentelemetry-sdk`` or ``opentelemetry-exporter-prometheus`` is not
+    installed. Install it with ``opentelemetry.metrics.set_meter_provider(provider)``; the
+    exporter's reader registers with ``prometheus_client``'s default registry, which is what
+    the app's ``/metrics`` route serves.
+    """
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    except ImportError:
+        return None
+    buckets = ExplicitBucketHistogramAggregation(boundaries=SECONDS_BUCKETS)
+    return MeterProvider(
+        metric_readers=[PrometheusMetricReader()],
+        views=[
+            View(instrument_name="safecallbacks.handler.duration", aggregation=buckets),
+            View(instrument_name="safecallbacks.delivery.lag", aggregation=buckets),
+        ],
+    )
+
+
+def _add_metrics_route(app: FastAPI) -> None:
+    """``GET /metrics`` in Prometheus's text format, if ``prometheus_client`` is installed."""
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+    except ImportError:
+        return
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        # A plain (sync) route: FastAPI runs it in a thread, so collecting (which runs the
+        # queue-depth gauge's callback) never blocks the event loop.
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+# --------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------
 
@@ -277,15 +332,19 @@ def create_app(
     *,
     flush_timeout: float = 5.0,
     on_record: Callable[[StreamRecord], None] | None = None,
+    metrics_route: bool = True,
 ) -> FastAPI:
     """Build the demo app.
 
     ``handler_factory(kind)`` makes the per-request handler, ``kind`` being the ``handler``
     query parameter. ``on_record`` sees each stream's ``StreamRecord`` before the first byte
-    goes out (tests use it to watch the server side of a stream).
+    goes out (tests use it to watch the server side of a stream). With ``metrics_route`` and
+    ``prometheus_client`` installed, ``GET /metrics`` serves the metrics for Prometheus.
     """
     app = FastAPI(title="safecallbacks streaming example")
     ids = itertools.count(1)
+    if metrics_route:
+        _add_metrics_route(app)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -347,5 +406,9 @@ def create_app(
 
 if __name__ == "__main__":
     import uvicorn
+    from opentelemetry import metrics
 
+    provider = prometheus_meter_provider()
+    if provider is not None:  # metrics at http://127.0.0.1:8000/metrics
+        metrics.set_meter_provider(provider)
     uvicorn.run(create_app(), host="127.0.0.1", port=8000)

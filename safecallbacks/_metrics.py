@@ -68,9 +68,14 @@ def register_depth_source(source: Callable[[], Iterable[tuple[str, int]]]) -> No
 
 
 def _observe_depths(_options: Any) -> Iterable[metrics.Observation]:
+    # One observation per handler name: the SDK keeps only the last one of an attribute
+    # set, and handlers sharing a name (one per request) must add up, not overwrite.
+    totals: dict[str, int] = {}
     for source in _depth_sources:
         for name, depth in source():
-            yield metrics.Observation(depth, {"handler": name})
+            totals[name] = totals.get(name, 0) + depth
+    for name, depth in totals.items():
+        yield metrics.Observation(depth, {"handler": name})
 
 
 def instruments() -> _Instruments:

@@ -20,6 +20,7 @@ from safecallbacks import SafeHandler, harden
 from safecallbacks.testing import (
     BlockingHandler,
     FakeClock,
+    RecordingHandler,
     assert_accounted,
     fake_chat_model,
     use_clock,
@@ -146,6 +147,27 @@ def test_histograms_sample_large_batches_while_the_event_counter_stays_exact(
     stats = handler.stats()
     assert stats.delivered == stats.handler_time.count == stats.lag.count == 2_002
     assert stats.lag.max >= stats.lag.p99 > 0
+
+
+def test_queue_depths_of_handlers_sharing_a_name_add_up(reader: InMemoryMetricReader) -> None:
+    """One handler per request, all named alike: the gauge shows their sum, not one of them."""
+    warm = harden(RecordingHandler(), mode="offload", name="m-warm")
+    list(fake_chat_model(2).stream("hi", {"callbacks": [warm]}))
+    assert warm.flush(5.0)  # a committed batch: the instruments, the gauge among them, exist
+    blockers = [BlockingHandler(), BlockingHandler()]
+    safe = [harden(blocker, mode="offload", settle=0, name="m-shared") for blocker in blockers]
+    try:
+        for handler, blocker in zip(safe, blockers, strict=True):
+            list(fake_chat_model(5).stream("hi", {"callbacks": [handler]}))
+            assert blocker.entered.wait(5.0)
+        depths = [handler.stats().queue_depth for handler in safe]
+        assert all(depths)
+        points = _points(reader, "safecallbacks.queue.depth", "m-shared")
+        assert [p.value for _, p in points] == [sum(depths)]
+    finally:
+        for handler, blocker in zip(safe, blockers, strict=True):
+            blocker.release()
+            assert handler.flush(5.0)
 
 
 def test_drops_and_queue_depth_are_reported(reader: InMemoryMetricReader) -> None:
