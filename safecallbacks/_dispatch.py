@@ -485,9 +485,12 @@ class Engine(Revisions):
 
     # --- flush, close, stats ------------------------------------------------
 
-    def place_barriers(self) -> list[tuple[Lane, Barrier]]:
+    def place_barriers(self, busy_only: bool = False) -> list[tuple[Lane, Barrier]]:
+        """A flush barrier in each lane (``busy_only``: in lanes holding something)."""
         placed = []
         for lane in self.lanes():
+            if busy_only and lane.idle() and not lane.scheduled:
+                continue
             barrier = Barrier()
             lane.put_barrier(barrier)
             placed.append((lane, barrier))

@@ -37,7 +37,7 @@ class Live(Protocol):
     observer: Observer
     closed: bool
 
-    def place_barriers(self) -> list[tuple[Lane, Barrier]]: ...
+    def place_barriers(self, busy_only: bool = False) -> list[tuple[Lane, Barrier]]: ...
 
     def queue_depth(self) -> int: ...
 
@@ -95,7 +95,9 @@ keep_watching_while(_offloaded_sync_handler_alive)
 def drain_at_exit() -> None:
     """Give pending events a bounded time at interpreter exit, then count the rest dropped."""
     engines = list(registry)
-    placed = [(engine, engine.place_barriers()) for engine in engines]
+    # Idle lanes need no barrier: kicking one could try to start a thread, which the
+    # interpreter refuses at shutdown (3.12 and newer).
+    placed = [(engine, engine.place_barriers(busy_only=True)) for engine in engines]
     started = _now()
     lost: dict[str, int] = {}
     for engine, barriers in placed:

@@ -366,15 +366,23 @@ class Pool:
         thread = threading.Thread(
             target=self._work, name=f"safecallbacks-worker-{self._serial}", daemon=True
         )
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutdown (3.12+): the workers there are must do
+            self.starting -= 1
+            return
         self.threads.add(thread)
-        thread.start()
 
     def _ensure_watchdog(self) -> None:
         if self.watchdog is None:
-            self.watchdog = threading.Thread(
+            watchdog = threading.Thread(
                 target=self._watch, name="safecallbacks-watchdog", daemon=True
             )
-            self.watchdog.start()
+            try:
+                watchdog.start()
+            except RuntimeError:  # interpreter shutdown (3.12+): no new thread; the exit
+                return  # drain waits out its budget and counts what is left
+            self.watchdog = watchdog
         else:
             self.watch.notify()
 
