@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.callbacks import (
     AsyncCallbackHandler,
@@ -1449,3 +1449,116 @@ def test_ctrl_c_while_an_async_handlers_lane_is_kicked_never_wedges_it(
     assert safe.flush(5), f"the lane is wedged: {safe.stats()!r}"
     assert_accounted(safe.stats())
     assert [token_of(c) for c in handler.calls][-1] == "after"
+
+
+@pytest.mark.parametrize("waiting", ["settle", "flush"])
+def test_ctrl_c_while_waiting_for_a_backlog_leaves_nothing_behind(
+    waiting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing is counted on the waiting side: the barrier stays queued and is released by
+    # the delivery that reaches it, so a later flush still settles everything.
+    handler = BlockingHandler()
+    safe = harden(handler, mode="offload", settle=5.0 if waiting == "settle" else 0, breaker=None)
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("held", run_id=run_id)
+    assert handler.entered.wait(5)
+    monkeypatch.setattr(Barrier, "wait", interrupting_once(Barrier.wait))
+    with pytest.raises(KeyboardInterrupt):
+        if waiting == "settle":
+            safe.on_llm_end(LLMResult(generations=[]), run_id=run_id)  # a root run's end waits
+        else:
+            safe.flush(5)
+    monkeypatch.undo()
+    handler.release()
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    assert_unwedged(safe, handler, run_id)
+
+
+class Signals:
+    """Ctrl-C (a real SIGINT) right after the ``nth`` call of ``step`` returns (main thread)."""
+
+    def __init__(self, step: Callable[..., Any], nth: int) -> None:
+        self.step, self.left = step, nth
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._then_signal(self.step(*args, **kwargs))
+
+    def __next__(self) -> int:  # stands in for a counter
+        return int(self._then_signal(next(self.step)))
+
+    def __repr__(self) -> str:  # a counter is read through its repr (count_value)
+        return repr(self.step)
+
+    def _then_signal(self, result: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            self.left -= 1
+            if self.left == 0:
+                signal.raise_signal(signal.SIGINT)
+        return result
+
+
+SLOW_PATH_SEAMS = (
+    "emitted", "controls", "stamp", "context", "emitter", "backlog", "note_depth", "kick",
+    "pump", "route", "shed_token", "scope_of", "wait_for_space",
+)  # fmt: skip
+
+
+@given(
+    seam=st.sampled_from(SLOW_PATH_SEAMS),
+    nth=st.integers(1, 6),
+    policy=st.sampled_from(["drop_newest", "drop_oldest", "block"]),
+    tokens=st.integers(0, 6),
+)
+@settings(max_examples=40, deadline=None)
+def test_ctrl_c_anywhere_on_the_slow_path_leaves_every_event_accounted(
+    seam: str, nth: int, policy: str, tokens: int
+) -> None:
+    handler = BlockingHandler()
+    options: dict[str, Any] = {"max_queue": 4, "on_full": policy, "block_timeout": 0.002}
+    safe = harden(handler, mode="offload", settle=0, breaker=None, **options)
+    lane = engine_of(safe).fast_lane
+    assert lane is not None
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("held", run_id=run_id)
+    assert handler.entered.wait(5)
+    for i in range(tokens):
+        safe.on_llm_new_token(str(i), run_id=run_id)
+    router = lane.router
+    seams: dict[str, tuple[Any, str]] = {
+        "emitted": (lane, "emitted"),
+        "controls": (lane, "_controls_in"),
+        "stamp": (_dispatch, "_now"),
+        "context": (_dispatch, "_copy_context"),
+        "emitter": (_dispatch, "emitter_key"),
+        "backlog": (lane, "backlog"),
+        "note_depth": (lane, "note_depth"),
+        "kick": (lane, "kick"),
+        "pump": (router, "pump"),
+        "route": (router, "_route"),
+        "shed_token": (router, "shed_token"),
+        "scope_of": (router, "scope_of"),
+        "wait_for_space": (lane, "_wait_for_space"),
+    }
+    owner, name = seams[seam]
+    original = getattr(owner, name)
+    setattr(owner, name, Signals(original, nth))
+    try:
+        for i in range(4):  # a child run, tokens and its end: every slow path once or more
+            for event in range(4):
+                try:
+                    if event == 0:
+                        child = uuid.uuid4()
+                        safe.on_llm_start({}, ["hi"], run_id=child, parent_run_id=run_id)
+                    elif event < 3:
+                        safe.on_llm_new_token(f"{i}.{event}", run_id=child)
+                    else:
+                        safe.on_llm_end(LLMResult(generations=[]), run_id=child)
+                except KeyboardInterrupt:
+                    pass
+    finally:
+        setattr(owner, name, original)
+        handler.release()
+    assert_unwedged(safe, handler, run_id)
