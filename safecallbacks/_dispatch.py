@@ -202,16 +202,31 @@ class Engine(Revisions):
         return True
 
     def record(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Take one event on the emitter's side (recorders inline the common case)."""
-        if not self.accept(hook, kwargs):
-            return
+        """Take one event on the emitter's side (recorders inline the common case).
+
+        Offloaded, the event is counted by the lane as it is queued or dropped, after
+        everything that may be cut off (Ctrl-C): never counted and then lost.
+        """
         if self.wanted_mode is not None:
-            self._move_when_ready()
+            self._move_when_ready()  # before the count: cut off, nothing was counted
+        if self.options.mode == "inline":
+            if not self.accept(hook, kwargs):
+                return
+            counted = True
+        else:
+            if self.stop_marks:
+                self.stops.check(hook, kwargs)
+            if self.closed:
+                self.observer.emitted_and_dropped(hook, reason="closed")
+                return
+            counted = False
         loop = get_running_loop()
         if self.options.mode == "inline":
             if loop is not None and self.has_async and self._is_async(hook):
                 # Awaiting here would block the emitting loop: run it as an ordered task on it.
-                self._loop_lane(loop).put((hook, args, kwargs, _copy_context(), _now(), loop))
+                self._loop_lane(loop).put(
+                    (hook, args, kwargs, _copy_context(), _now(), loop), counted
+                )
             elif self.adapt.trial:
                 self.adapt.trial_result(hook, self.inline.call(hook, args, kwargs))
             else:
@@ -220,9 +235,9 @@ class Engine(Revisions):
         lane: Lane = self._loop_lane(loop) if self.async_only else self._thread_lane
         item = (hook, args, kwargs, _copy_context(), _now(), loop)
         if hook in START_HOOKS:
-            lane.put_run(self._run_mark(kwargs, ends=False), item)
+            lane.put_run(self._run_mark(kwargs, ends=False), item, counted)
         else:
-            lane.put(item)
+            lane.put(item, counted)
 
     def mark_run(self, kwargs: Mapping[str, Any], ends: bool) -> None:
         """A run's start or end the handler does not implement: routing must know of it."""

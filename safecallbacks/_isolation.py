@@ -364,7 +364,9 @@ async def drive_rest(
     Past ``timeout`` the handler is closed and a ``TimeoutError`` returned.
     Cancelling the current task still cancels it: that cancellation is passed
     into the handler, then re-raised; a handler that ignores it is closed after
-    ``grace`` seconds (the exit budget) and the cancellation re-raised all the same.
+    ``grace`` seconds (the exit budget) and the cancellation re-raised all the same,
+    as it is when such a handler then finishes or fails on its own: the shutdown cut
+    it off, so its event is dropped, never delivered or failed.
     """
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -397,7 +399,13 @@ async def drive_rest(
     except BaseException as exc:
         if drive.closing:
             raise
+        if drive.cut_off:  # it swallowed the shutdown, then failed: cut off all the same
+            raise asyncio.CancelledError from None
         return exc
     finally:
         timer.cancel()
+    if drive.cut_off:
+        # It swallowed its loop's shutdown and finished all the same: what it did after
+        # that was cut short, so the event counts as dropped, and the shutdown goes on.
+        raise asyncio.CancelledError
     return None

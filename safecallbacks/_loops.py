@@ -23,6 +23,7 @@ from typing import Any
 
 from ._compat import fork_safe, get_running_loop
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
+from ._interrupts import held_interrupts
 from ._isolation import first_step
 from ._observe import Batch
 from ._queue import CONSUMER_TASKS, LINGER_SECONDS, POLL_SECONDS, Lane, LaneOwner
@@ -59,23 +60,34 @@ class LoopLane(Lane):
         return get_running_loop() is not self.loop
 
     def kick(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        here = get_running_loop() is loop  # may be cut off (Ctrl-C): nothing done yet
         with self._lock:
             if self.scheduled:
                 return
             self.scheduled = True
-        loop = self.loop
-        assert loop is not None
         try:
-            if get_running_loop() is loop:
+            if here:
                 loop.call_soon(self._start)
             else:
                 loop.call_soon_threadsafe(self._start)
         except RuntimeError:  # the loop is closed: nothing will ever drain it
             self.scheduled = False
             self.discard_all("loop_closed")
+        except BaseException:
+            # Ctrl-C while scheduling: whether the consumer was scheduled is unknown, so
+            # the lane is not marked scheduled and the next event or flush kicks again
+            # (a second ``_start`` finds the consumer running and does nothing).
+            self.scheduled = False
+            raise
 
     def _start(self) -> None:
         assert self.loop is not None
+        task = self._task
+        if task is not None and not task.done():
+            self.scheduled = True  # kicked twice (an interrupted kick): one consumer
+            return
         # Held here: the loop keeps only a weak reference to its tasks.
         self._task = self.loop.create_task(self._consume())
         CONSUMER_TASKS.add(self._task)
@@ -260,25 +272,30 @@ class LoopLane(Lane):
         """A closed loop will never drain this lane: count what is left as dropped."""
         loop = self.loop
         if loop is not None and loop.is_closed():
-            observer = self.engine.observer
-            for strand in list(self.router.strands.values()):
-                # Deliveries its consumers finished but never committed are counted as done.
-                observer.commit(strand.batch, strand)
-            for strand in self.router.busy_strands():
-                if strand.inflight is not None:  # its task died with the loop
-                    observer.dropped(strand.inflight, reason="loop_closed")
-                    note_dropped(strand, strand.inflight)
-                    strand.busy_since = strand.inflight = None
-                dropped = [e[0] for e in strand.chunk if e.__class__ is tuple]
-                for entry in strand.chunk:
-                    if entry.__class__ is not tuple:
-                        self.router.reached(entry, strand)
-                strand.chunk.clear()
-                for hook in dropped:
-                    observer.dropped(hook, reason="loop_closed")
-                    note_dropped(strand, hook)
-                self.router.release(strand)
-            self.discard_all("loop_closed")
+            with held_interrupts():  # (a flush waiting on the main thread) counted once
+                self._reap()
+
+    def _reap(self) -> None:
+        """Account for what a closed loop left: finished, cut off, queued."""
+        observer = self.engine.observer
+        for strand in list(self.router.strands.values()):
+            # Deliveries its consumers finished but never committed are counted as done.
+            observer.commit(strand.batch, strand)
+        for strand in self.router.busy_strands():
+            if strand.inflight is not None:  # its task died with the loop
+                observer.dropped(strand.inflight, reason="loop_closed")
+                note_dropped(strand, strand.inflight)
+                strand.busy_since = strand.inflight = None
+            dropped = [e[0] for e in strand.chunk if e.__class__ is tuple]
+            for entry in strand.chunk:
+                if entry.__class__ is not tuple:
+                    self.router.reached(entry, strand)
+            strand.chunk.clear()
+            for hook in dropped:
+                observer.dropped(hook, reason="loop_closed")
+                note_dropped(strand, hook)
+            self.router.release(strand)
+        self.discard_all("loop_closed")
 
 
 # --- the shared background loop -------------------------------------------------

@@ -168,6 +168,27 @@ class Observer:
         if reason != "exit":  # drops at exit are reported once for the whole process
             self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
 
+    def emitted_and_dropped(self, hook: str, reason: str = "queue_full") -> None:
+        """Count a new event as emitted and at once as dropped: both or neither.
+
+        Ctrl-C lands between two calls: nothing after the count is one, so an
+        interrupt right after it still counts the drop.
+        """
+        with self._lock:
+            row = self._hooks.get(hook)
+            if row is None:
+                row = self._hooks[hook] = list(_EMPTY_ROW)
+            try:
+                next(self.emitted)
+            except BaseException:
+                row[_DROPPED] += 1
+                raise
+            row[_DROPPED] += 1
+            key = (hook, DROPPED)
+            self._unreported[key] = self._unreported.get(key, 0) + 1
+        if reason != "exit":
+            self.announce_once("drop", "events_dropped", reason=reason, hook=hook)
+
     def flush_timed_out(self, pending: int, timeout: float) -> None:
         logger().warning(
             "flush_timed_out", handler=self.name, pending=pending, timeout_s=round(timeout, 3)

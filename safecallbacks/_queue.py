@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeAlias
 from ._adapt import Adaptive
 from ._compat import count_value
 from ._hooks import END_HOOKS
+from ._interrupts import held_interrupts
 from ._observe import Batch, Observer
 from ._options import Options
 from ._runs import RUN_BOUNDARIES, Router, RunMark, Strand
@@ -204,26 +205,37 @@ class Lane:
 
     # --- emitting side ---------------------------------------------------
 
-    def put(self, item: Item) -> None:
-        if self._full() and not self._make_room(item):
-            return
-        self.queue.append(item)
-        if not self.scheduled:
-            self.kick()
+    def put(self, item: Item, counted: bool = False) -> None:
+        """Count the event as emitted and queue it, or count it dropped (``on_full``).
 
-    def put_run(self, mark: RunMark, item: Item | None) -> None:
+        Ctrl-C lands between two calls: what may be cut off (making room) comes first
+        and counts nothing, then the event is counted and queued, or counted and
+        dropped, each as one step an interrupt cannot split (``_count_and_append``).
+        ``counted``: the caller counted it already (a move between modes is pending).
+        """
+        if self._full() and not self._make_room(item):
+            self._refused(item, counted)
+            return
+        self._count_and_append(item, counted)
+
+    def put_run(self, mark: RunMark, item: Item | None, counted: bool = False) -> None:
         """A run's start: its mark, then its event (if the handler implements it).
 
         A start that finds no room sheds its whole run (the mark says so), so the
-        handler never gets a run's end or tokens without its start.
+        handler never gets a run's end or tokens without its start. An interrupt
+        between the mark and the event leaves a run whose start was never emitted.
         """
         if item is not None and self._full() and not self._make_room(item):
             mark.shed = True
-            item = None
+            self._put_control(mark)
+            self._refused(item, counted)
+            if not self.scheduled:
+                self.kick()
+            return
         self._put_control(mark)
         if item is not None:
-            self.queue.append(item)
-        if not self.scheduled:
+            self._count_and_append(item, counted)
+        elif not self.scheduled:
             self.kick()
 
     def put_mark(self, mark: RunMark) -> None:
@@ -235,8 +247,13 @@ class Lane:
         return len(self.queue) >= self.nudge_at and self.backlog() >= self.max_queue
 
     def _put_control(self, entry: Any) -> None:
-        next(self._controls_in)
-        self.queue.append(entry)
+        queue = self.queue
+        try:  # counted and queued, or neither, whatever lands between them
+            next(self._controls_in)
+        except BaseException:
+            queue.append(entry)
+            raise
+        queue.append(entry)
 
     def count_control(self) -> None:
         """A barrier or run mark is queued again (put back in front)."""
@@ -245,30 +262,42 @@ class Lane:
     def overflow(self, item: Item) -> None:
         """The slow half of ``put``, for recorders that found the queue long or full.
 
-        Counts the event as emitted (the recorder's fast path leaves that to it).
+        Counts the event as emitted (the recorder's fast path leaves that to it), only
+        once it is known to be queued or dropped: an interrupt while room is made
+        (``_make_room``) leaves the event uncounted and unqueued.
         """
         if self.events_queued() + self.router.routed() < self.max_queue:  # O(1), may overcount
             self._count_and_append(item)
             self.nudge()
             return
-        next(self.emitted)  # before its drop may be counted: pending never goes negative
         if self._make_room(item):
-            self.queue.append(item)
-            if not self.scheduled:
-                self.kick()
+            self._count_and_append(item)
+        else:
+            self._refused(item)
 
-    def _count_and_append(self, item: Item) -> None:
+    def _count_and_append(self, item: Item, counted: bool = False) -> None:
         """Ctrl-C lands between two calls: right after the count, the event is queued
         all the same, so an interrupt leaves it counted and queued, or neither."""
         queue = self.queue
-        try:
-            next(self.emitted)
-        except BaseException:
-            queue.append(item)
-            raise
+        if not counted:
+            try:
+                next(self.emitted)
+            except BaseException:
+                queue.append(item)
+                raise
         queue.append(item)
         if not self.scheduled:
             self.kick()  # an interrupt before it: the next event or flush kicks
+
+    def _refused(self, item: Item, counted: bool = False) -> None:
+        """``item`` finds no room: counted emitted and dropped in one step (Ctrl-C safe)."""
+        if counted:
+            self.engine.observer.dropped(item[0], reason="queue_full")
+        else:
+            self.engine.observer.emitted_and_dropped(item[0], "queue_full")
+        scope = self.router.scope_of(item)
+        if scope is not None:
+            scope.dropped_unrouted(item[0])
 
     def put_barrier(self, barrier: Barrier) -> None:
         self._put_control(barrier)
@@ -305,8 +334,12 @@ class Lane:
     def _make_room(self, item: Item) -> bool:
         """Apply ``on_full``, shedding other events before a run's start or end.
 
-        False when ``item`` itself was dropped (counted). A run's end is kept even
-        beyond ``max_queue`` when nothing else can go: its start was kept.
+        False when ``item`` itself must be dropped (the caller counts it: nothing of
+        ``item`` is counted here, so an interrupt leaves it neither counted nor
+        queued). A run's end is kept even beyond ``max_queue`` when nothing else can
+        go: its start was kept. Routing and shedding change several things at once
+        under the router's lock: Ctrl-C is held back until they are done
+        (``held_interrupts``); a ``block`` wait stays interruptible.
         """
         engine = self.engine
         policy = engine.options.on_full
@@ -315,12 +348,9 @@ class Lane:
         if policy == "drop_newest" and not boundary:
             depth = self.backlog()  # a token that finds it full: dropped, no routing needed
             self.high_water = max(self.high_water, depth)
-            if depth >= limit:
-                self._dropped_unrouted(item)
-                return False
-            return True
+            return depth < limit
         router = self.router
-        with router.lock:
+        with held_interrupts(), router.lock:
             router.pump()
             self.note_depth()
             if self.backlog() < limit:
@@ -331,19 +361,10 @@ class Lane:
         if policy == "block" and self._may_block() and self._wait_for_space():
             return True
         if policy == "block" and boundary:
-            with router.lock:
+            with held_interrupts(), router.lock:
                 if router.shed_token(oldest=False):
                     return True
-        if item[0] in END_HOOKS:
-            return True
-        self._dropped_unrouted(item)
-        return False
-
-    def _dropped_unrouted(self, item: Item, reason: str = "queue_full") -> None:
-        self.engine.observer.dropped(item[0], reason=reason)
-        scope = self.router.scope_of(item)
-        if scope is not None:
-            scope.dropped_unrouted(item[0])
+        return item[0] in END_HOOKS
 
     def _may_block(self) -> bool:
         return True
@@ -369,6 +390,10 @@ class Lane:
     def discard_all(self, reason: str) -> None:
         """Count every queued event as dropped (closing, a dead loop, exit)."""
         dropped: Counter[str] = Counter()
+        with held_interrupts():  # (close, exit) every entry taken out is counted
+            self._discard_all(reason, dropped)
+
+    def _discard_all(self, reason: str, dropped: Counter[str]) -> None:
         with self.router.lock:
             while True:
                 try:

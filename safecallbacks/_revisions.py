@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ._interrupts import held_interrupts
 from ._queue import Barrier, Lane, wait_settled
 from ._runs import RunMark
 from ._workers import pool as pool_of_lanes
@@ -71,13 +72,20 @@ class Revisions:
         """
         lane = self._thread_lane
         wanted = self.wanted_mode
-        if wanted is None or not pool_of_lanes().claim(lane):
+        if wanted is None:
             return
-        self.wanted_mode = None
-        self.switch_mode(wanted[0], wanted[1])
-        with lane.router.lock:
-            entries = lane.router.take_all()
+        pool = pool_of_lanes()
+        claimer = object()  # this call's claim only: a nested or concurrent one is another
+        entries: list[Any] = []
+        # Ctrl-C may land anywhere from here on: the lane goes back to the pool in any
+        # case, if it was claimed at all (``release`` knows), with what was not delivered.
         try:
+            if not pool.claim(lane, claimer):
+                return
+            self.wanted_mode = None
+            self.switch_mode(wanted[0], wanted[1])
+            with held_interrupts(), lane.router.lock:
+                entries = lane.router.take_all()
             while entries:
                 entry = entries.pop(0)
                 if entry.__class__ is not tuple:
@@ -93,8 +101,9 @@ class Revisions:
                     if self.options.mode != "inline":
                         break  # it fails here too: the rest goes back to the workers
         finally:
-            _give_back(lane, entries)
-            pool_of_lanes().release(lane)
+            if lane.taken is claimer:
+                _give_back(lane, entries)
+            pool.release(lane, claimer)
 
     def switch_mode(self, mode: str, reason: str) -> None:
         """Deliver from now on in ``mode`` (logged once per move, shown in stats)."""

@@ -62,6 +62,7 @@ class ThreadLane(Lane):
         self.holders = 0  # workers draining this lane now
         self.waiting: dict[int, deque[Strand]] = {}  # per worker: strands claimed, not started
         self.slots = 0  # times this lane waits in the pool's ready queue
+        self.taken: object | None = None  # who took it over (Engine.take_over), until released
 
     def kick(self) -> None:
         pool().kick(self)
@@ -325,22 +326,31 @@ class Pool:
             while lane.holders + lane.slots < want:
                 self._make_ready(lane, _now())
 
-    def claim(self, lane: ThreadLane) -> bool:
-        """Emitter side: take a parked lane over (False if it was already let go)."""
+    def claim(self, lane: ThreadLane, claimer: object) -> bool:
+        """Emitter side: take a parked lane over (False if it was already let go).
+
+        Notes ``claimer`` in the lane under the lock: ``release`` gives the lane back
+        only to its claimer, so a caller can release in a ``finally`` that Ctrl-C may
+        reach before or after the claim took effect.
+        """
         with self.lock:
-            if not lane.parked or lane.holders:
+            if not lane.parked or lane.holders or lane.taken is not None:
                 return False
             self.lingering.pop(lane, None)
+            lane.taken = claimer
             return True
 
-    def release(self, lane: ThreadLane) -> None:
-        """A lane taken over is the pool's again."""
+    def release(self, lane: ThreadLane, claimer: object) -> None:
+        """A lane taken over is the pool's again (nothing happens unless ``claimer`` took it)."""
         with self.lock:
+            if lane.taken is not claimer:
+                return
             lane.parked = False
             if lane.holds_work():
                 self._make_ready(lane, _now())
             else:
                 self.lingering[lane] = _now()
+            lane.taken = None  # last: whatever cuts this off, the lane is with the pool
             self._ensure_watchdog()
 
     def forget(self, lane: ThreadLane) -> None:

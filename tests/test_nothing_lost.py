@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import signal
 import sys
 import textwrap
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.callbacks import (
     AsyncCallbackHandler,
@@ -36,11 +37,13 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.messages import HumanMessage
+from langchain_core.outputs import LLMResult
 
 import safecallbacks
-from safecallbacks import _hardened, _workers, harden
+from safecallbacks import _dispatch, _hardened, _workers, harden
 from safecallbacks._hardened import engine_of
 from safecallbacks._queue import Barrier
+from safecallbacks._runs import emitter_key
 from safecallbacks.testing import (
     AsyncRecordingHandler,
     BlockingHandler,
@@ -1290,3 +1293,272 @@ def test_ctrl_c_while_emitting_never_wedges_a_handler(
     assert safe.flush(2), f"the lane is wedged: {safe.stats()!r}"
     assert_accounted(safe.stats())
     assert [token_of(c) for c in handler.calls][-1] == "after"
+
+
+def signalling_once(step: Callable[..., Any]) -> Callable[..., Any]:
+    """A real Ctrl-C (SIGINT) raised as ``step`` starts, on the main thread: Python
+    handles it at its next chance, unless the code running holds interrupts back."""
+    armed = [True]
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = False
+            signal.raise_signal(signal.SIGINT)
+        return step(*args, **kwargs)
+
+    return signalled
+
+
+def interrupted_before(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Ctrl-C as ``step`` is called (main thread), before it does anything; once."""
+    armed = [True]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = False
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    return interrupted
+
+
+def assert_unwedged(safe: Any, handler: RecordingHandler, run_id: uuid.UUID) -> None:
+    """After an interrupt: a flush succeeds, later events are delivered, every event counted."""
+    assert safe.flush(5), f"the handler is wedged: {safe.stats()!r}"
+    safe.on_llm_new_token("after", run_id=run_id)
+    safe.on_llm_end(LLMResult(generations=[]), run_id=run_id)
+    assert safe.flush(5), f"the handler is wedged: {safe.stats()!r}"
+    assert_accounted(safe.stats())
+    assert "after" in [token_of(c) for c in handler.hooks(TOKEN)]
+
+
+@pytest.mark.parametrize("where", ["stamping", "marking", "queueing the mark"])
+def test_ctrl_c_while_a_run_starts_never_leaves_an_event_pending(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's start takes the slow path (Engine.record): it marks the run for routing.
+    handler = RecordingHandler()
+    safe = harden(handler, mode="offload", settle=0, breaker=None)
+    safe.on_llm_new_token("first", run_id=uuid.uuid4())
+    assert safe.flush(5)
+    lane = engine_of(safe).fast_lane
+    assert lane is not None
+    if where == "stamping":
+        monkeypatch.setattr(_dispatch, "_now", interrupting_once(time.monotonic))
+    elif where == "marking":
+        monkeypatch.setattr(_dispatch, "emitter_key", interrupting_once(emitter_key))
+    else:
+        monkeypatch.setattr(lane, "_controls_in", CountsThenInterrupted(lane._controls_in))
+    with pytest.raises(KeyboardInterrupt):
+        safe.on_llm_start({}, ["hi"], run_id=uuid.uuid4())
+    monkeypatch.undo()
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    assert_unwedged(safe, handler, run_id)
+    assert lane.events_queued() == 0 and len(lane.queue) == 0
+
+
+ON_FULL_INTERRUPTS = [
+    ("drop_oldest", "routing"),  # a real SIGINT as the queue is routed, under the router's lock
+    ("drop_oldest", "shedding"),  # a real SIGINT as a token is shed to make room
+    ("drop_newest", "measuring"),  # Ctrl-C as a token finds the queue full
+    ("block", "waiting"),  # Ctrl-C while waiting for room
+]
+
+
+@pytest.mark.parametrize(("policy", "where"), ON_FULL_INTERRUPTS)
+def test_ctrl_c_while_a_full_queue_makes_room_never_leaves_an_event_pending(
+    policy: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = BlockingHandler()
+    options: dict[str, Any] = {"max_queue": 4, "on_full": policy, "block_timeout": 0.01}
+    safe = harden(handler, mode="offload", settle=0, breaker=None, **options)
+    lane = engine_of(safe).fast_lane
+    assert lane is not None
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("held", run_id=run_id)
+    assert handler.entered.wait(5)  # the worker is inside it: what follows waits, unrouted
+    for i in range(8):
+        safe.on_llm_new_token(str(i), run_id=run_id)
+    router = lane.router
+    if where == "routing":
+        monkeypatch.setattr(router, "_route", signalling_once(router._route))
+    elif where == "shedding":
+        monkeypatch.setattr(router, "shed_token", signalling_once(router.shed_token))
+    elif where == "measuring":
+        monkeypatch.setattr(lane, "backlog", interrupting_once(lane.backlog))
+    else:
+        monkeypatch.setattr(lane, "_wait_for_space", interrupting_once(lane._wait_for_space))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for i in range(8):  # the queue has room again now and then: until it is full
+                safe.on_llm_new_token(f"interrupted {i}", run_id=run_id)
+        monkeypatch.undo()
+    finally:
+        handler.release()
+    assert_unwedged(safe, handler, run_id)
+
+
+def test_ctrl_c_while_a_sync_handler_is_taken_over_never_wedges_its_lane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker parks a lane whose handler failed in a thread-bound way; the emitter takes
+    # it over (Engine.take_over). Cut off once the lane is claimed, it is released anyway.
+    handler = RecordingHandler()
+    safe = harden(handler, mode="offload", settle=0, breaker=None)
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("first", run_id=run_id)
+    assert safe.flush(5)
+    engine = engine_of(safe)
+    lane = engine._thread_lane
+    pool = _workers.pool()
+    assert wait_until(lambda: lane in pool.lingering)
+    with pool.lock:
+        lane.parked = True  # as a worker parks it
+    safe.on_llm_new_token("queued", run_id=run_id)  # left to the emitter
+    engine.request_mode("inline", "thread-bound failure", trial=True)
+    monkeypatch.setattr(engine, "switch_mode", interrupting_once(engine.switch_mode))
+    with pytest.raises(KeyboardInterrupt):
+        safe.on_llm_new_token("interrupted", run_id=run_id)
+    monkeypatch.undo()
+    assert_unwedged(safe, handler, run_id)
+    assert "queued" in [token_of(c) for c in handler.hooks(TOKEN)]
+
+
+@pytest.mark.parametrize("where", ["before scheduling", "after scheduling"])
+def test_ctrl_c_while_an_async_handlers_lane_is_kicked_never_wedges_it(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = AsyncRecordingHandler()
+    safe = harden(handler, mode="offload", settle=0, breaker=None)
+    run_id = uuid.uuid4()
+    safe.on_llm_new_token("first", run_id=run_id)  # from sync code: the background loop
+    assert safe.flush(5)
+    lane = engine_of(safe)._loop_lane(None)
+    assert wait_until(lambda: not lane.scheduled)  # idle: the next event kicks it
+    loop = lane.loop
+    assert loop is not None
+    wrap = interrupted_before if where == "before scheduling" else interrupting_once
+    monkeypatch.setattr(loop, "call_soon_threadsafe", wrap(loop.call_soon_threadsafe))
+    with pytest.raises(KeyboardInterrupt):
+        safe.on_llm_new_token("interrupted", run_id=run_id)
+    monkeypatch.undo()
+    safe.on_llm_new_token("after", run_id=run_id)
+    assert safe.flush(5), f"the lane is wedged: {safe.stats()!r}"
+    assert_accounted(safe.stats())
+    assert [token_of(c) for c in handler.calls][-1] == "after"
+
+
+@pytest.mark.parametrize("waiting", ["settle", "flush"])
+def test_ctrl_c_while_waiting_for_a_backlog_leaves_nothing_behind(
+    waiting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing is counted on the waiting side: the barrier stays queued and is released by
+    # the delivery that reaches it, so a later flush still settles everything.
+    handler = BlockingHandler()
+    safe = harden(handler, mode="offload", settle=5.0 if waiting == "settle" else 0, breaker=None)
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("held", run_id=run_id)
+    assert handler.entered.wait(5)
+    monkeypatch.setattr(Barrier, "wait", interrupting_once(Barrier.wait))
+    with pytest.raises(KeyboardInterrupt):
+        if waiting == "settle":
+            safe.on_llm_end(LLMResult(generations=[]), run_id=run_id)  # a root run's end waits
+        else:
+            safe.flush(5)
+    monkeypatch.undo()
+    handler.release()
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    assert_unwedged(safe, handler, run_id)
+
+
+class Signals:
+    """Ctrl-C (a real SIGINT) right after the ``nth`` call of ``step`` returns (main thread)."""
+
+    def __init__(self, step: Callable[..., Any], nth: int) -> None:
+        self.step, self.left = step, nth
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._then_signal(self.step(*args, **kwargs))
+
+    def __next__(self) -> int:  # stands in for a counter
+        return int(self._then_signal(next(self.step)))
+
+    def __repr__(self) -> str:  # a counter is read through its repr (count_value)
+        return repr(self.step)
+
+    def _then_signal(self, result: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            self.left -= 1
+            if self.left == 0:
+                signal.raise_signal(signal.SIGINT)
+        return result
+
+
+SLOW_PATH_SEAMS = (
+    "emitted", "controls", "stamp", "context", "emitter", "backlog", "note_depth", "kick",
+    "pump", "route", "shed_token", "scope_of", "wait_for_space",
+)  # fmt: skip
+
+
+@given(
+    seam=st.sampled_from(SLOW_PATH_SEAMS),
+    nth=st.integers(1, 6),
+    policy=st.sampled_from(["drop_newest", "drop_oldest", "block"]),
+    tokens=st.integers(0, 6),
+)
+@settings(max_examples=40, deadline=None)
+def test_ctrl_c_anywhere_on_the_slow_path_leaves_every_event_accounted(
+    seam: str, nth: int, policy: str, tokens: int
+) -> None:
+    handler = BlockingHandler()
+    options: dict[str, Any] = {"max_queue": 4, "on_full": policy, "block_timeout": 0.002}
+    safe = harden(handler, mode="offload", settle=0, breaker=None, **options)
+    lane = engine_of(safe).fast_lane
+    assert lane is not None
+    run_id = uuid.uuid4()
+    safe.on_llm_start({}, ["hi"], run_id=run_id)
+    safe.on_llm_new_token("held", run_id=run_id)
+    assert handler.entered.wait(5)
+    for i in range(tokens):
+        safe.on_llm_new_token(str(i), run_id=run_id)
+    router = lane.router
+    seams: dict[str, tuple[Any, str]] = {
+        "emitted": (lane, "emitted"),
+        "controls": (lane, "_controls_in"),
+        "stamp": (_dispatch, "_now"),
+        "context": (_dispatch, "_copy_context"),
+        "emitter": (_dispatch, "emitter_key"),
+        "backlog": (lane, "backlog"),
+        "note_depth": (lane, "note_depth"),
+        "kick": (lane, "kick"),
+        "pump": (router, "pump"),
+        "route": (router, "_route"),
+        "shed_token": (router, "shed_token"),
+        "scope_of": (router, "scope_of"),
+        "wait_for_space": (lane, "_wait_for_space"),
+    }
+    owner, name = seams[seam]
+    original = getattr(owner, name)
+    setattr(owner, name, Signals(original, nth))
+    try:
+        for i in range(4):  # a child run, tokens and its end: every slow path once or more
+            for event in range(4):
+                try:
+                    if event == 0:
+                        child = uuid.uuid4()
+                        safe.on_llm_start({}, ["hi"], run_id=child, parent_run_id=run_id)
+                    elif event < 3:
+                        safe.on_llm_new_token(f"{i}.{event}", run_id=child)
+                    else:
+                        safe.on_llm_end(LLMResult(generations=[]), run_id=child)
+                except KeyboardInterrupt:
+                    pass
+    finally:
+        setattr(owner, name, original)
+        handler.release()
+    assert_unwedged(safe, handler, run_id)
