@@ -18,6 +18,7 @@ import asyncio
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -134,6 +135,7 @@ class LoopLane(Lane):
         did = False
         delivered = 0
         done: list[Strand] = []  # delivered, released with the next claim
+        waiting: deque[Strand] = deque()  # claimed, not begun
         began = _now()
         try:
             while True:
@@ -144,19 +146,20 @@ class LoopLane(Lane):
                     return did
                 did = True
                 began = _now()
-                for strand in claimed:
+                waiting.extend(claimed)
+                while waiting:
+                    strand = waiting.popleft()
                     started = _now()
                     rest = self._deliver(strand, calls)
                     delivered += strand.taken
                     if rest is None:
                         done.append(strand)
-                        continue
-                    carrier = asyncio.get_running_loop().create_task(
-                        self._carry_on(strand, rest, started)
-                    )
-                    CONSUMER_TASKS.add(carrier)
-                    self._carriers.add(carrier)
-                    carrier.add_done_callback(self._carriers.discard)
+                    elif len(self._carriers) + 1 < self.concurrency:
+                        self._carry_apart(strand, rest, started)
+                    else:
+                        # As many deliveries in flight as allowed (this one included):
+                        # finished here before the next strand is begun.
+                        await self._carry_on(strand, rest, started)
                 if delivered >= YIELD_EVERY:
                     # Handlers that never suspend would otherwise hold this loop for a
                     # whole backlog: let the streams it serves move on meanwhile.
@@ -165,8 +168,17 @@ class LoopLane(Lane):
         finally:
             for strand in done:
                 self._released(strand, began)
+            for strand in waiting:  # cut off before they were begun: back in their strands
+                self.router.release(strand, resize=False)
             if self._space_waiters:
                 self._popped()
+
+    def _carry_apart(self, strand: Strand, rest: Awaitable[None], started: float) -> None:
+        """A suspended delivery goes on in a task of its own while other strands are begun."""
+        carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, started))
+        CONSUMER_TASKS.add(carrier)
+        self._carriers.add(carrier)
+        carrier.add_done_callback(self._carriers.discard)
 
     def _released(self, strand: Strand, began: float) -> None:
         self.router.release(strand, _now() - began)

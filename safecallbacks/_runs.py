@@ -158,7 +158,7 @@ class Strand:
         self.marks = 0  # gates, barrier parts and run ends in ``entries``
         self.take = TAKE_START  # entries claimed at once: more while deliveries are quick
         self.busy_since: float | None = None
-        self.claimed_at = 0.0  # when its consumer claimed its chunk
+        self.claimed_at = 0.0  # when its consumer claimed its chunk, or began delivering it
         self.inflight: str | None = None
         self.batch = Batch()  # results not yet committed to the observer
         self.stuck_reported = False
@@ -289,14 +289,21 @@ class Router:
         return _now() - self.slow_seen < CALM
 
     def stalled(self, now: float) -> bool:
-        """Watchdog: True when a strand has been delivered for STALLED (slow too).
+        """Watchdog: True when a delivery has been in flight for STALLED (slow too), or a
+        chunk has been delivered at STALLED or more per event so far.
 
-        Counted from its claim, not from its delivery in flight: a watchdog polling
-        in step with deliveries as long as its period would never see one that old.
+        The chunk's pace catches deliveries as long as the watchdog's period, which a
+        poll in step with them would always find just started.
         """
-        if any(s.busy_since is not None and now - s.claimed_at > STALLED for s in self.claimed):
-            self.slow_seen = now
-            return True
+        for strand in list(self.claimed):
+            since = strand.busy_since
+            if since is None:
+                continue
+            spent = now - strand.claimed_at
+            done = strand.taken - len(strand.chunk)
+            if now - since > STALLED or (spent > STALLED and spent >= STALLED * max(done, 1)):
+                self.slow_seen = now
+                return True
         return False
 
     def _release(self, strand: Strand) -> None:

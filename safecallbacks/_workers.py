@@ -173,7 +173,7 @@ class ThreadLane(Lane):
         breaker = observer.breaker
         batch = strand.batch
         durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-        started = _now()
+        started = strand.claimed_at = _now()  # the watchdog judges the chunk's pace from here
         taken = len(chunk)
         try:
             while True:
@@ -325,6 +325,8 @@ class Pool:
             want = min(lane.limit(), lane.holders + len(lane.router.runnable))
             while lane.holders + lane.slots < want:
                 self._make_ready(lane, _now())
+            if self.ready and not self.idle and self.watchdog is not None:
+                self.watch.notify()  # it adds a worker if none frees up within SPAWN_DELAY
 
     def claim(self, lane: ThreadLane, claimer: object) -> bool:
         """Emitter side: take a parked lane over (False if it was already let go).
@@ -365,8 +367,6 @@ class Pool:
         self.ready.append(lane)
         if self.idle:
             self.cond.notify()
-        elif self.watchdog is not None:
-            self.watch.notify()  # it adds a worker if none frees up within SPAWN_DELAY
 
     def _spawn(self) -> None:
         if len(self.threads) >= MAX_WORKERS:

@@ -744,6 +744,41 @@ def test_max_concurrency_caps_deliveries_in_flight() -> None:
     check_accounted(safe, emission)
 
 
+async def test_max_concurrency_caps_async_deliveries_in_flight() -> None:
+    """The same with an async handler whose deliveries suspend: tasks, never more than two."""
+    cap, emitters = 2, 4
+    meeting = Meeting(cap, is_root_start)
+    gauge = Gauge(forbid=more_than(cap))
+    safe = offload(AsyncMeter(gauge, meeting.aarrive), max_concurrency=cap)
+    trace = Trace()
+    opened = 0
+    all_open = asyncio.Event()
+
+    async def stream(number: int) -> None:
+        nonlocal opened
+        async for index, _ in _enumerate(paced(f"t{number}").astream("hi", trace.config(safe))):
+            if index == 0:
+                opened += 1
+                if opened == emitters:
+                    all_open.set()
+                await asyncio.wait_for(all_open.wait(), 5)  # all four runs open at once
+
+    await asyncio.gather(*(stream(n) for n in range(emitters)))
+    assert await safecallbacks.aflush(safe, FLUSH)
+    assert meeting.results[:cap] == [True] * cap, meeting.results
+    assert gauge.max_active == cap and not gauge.alarm.is_set(), gauge.max_active
+    emission = Emission(trace)
+    check_each_trace_in_order(emission, gauge.delivered())
+    check_accounted(safe, emission)
+
+
+async def _enumerate(items: Any) -> Any:
+    index = 0
+    async for item in items:
+        yield index, item
+        index += 1
+
+
 # --------------------------------------------------------------------------------------------
 # (b) Never more concurrent than bare
 # --------------------------------------------------------------------------------------------
