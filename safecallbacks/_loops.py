@@ -46,6 +46,10 @@ class LoopLane(Lane):
     await at once, as the tasks that emitted them would have awaited bare.
     """
 
+    # Tasks on the emitting loop cost no thread: bare, every stream awaits the handler in
+    # its own task, so the bound is set well above the streams one loop usually serves.
+    default_concurrency = 256
+
     def __init__(
         self, engine: LaneOwner, loop: asyncio.AbstractEventLoop, background: bool
     ) -> None:

@@ -67,6 +67,10 @@ def _count(option: str, value: object) -> int:
     return value
 
 
+def _count_or_none(option: str, value: object) -> int | None:
+    return None if value is None else _count(option, value)
+
+
 def _flag(option: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{option} must be a bool, got {value!r}")
@@ -143,7 +147,12 @@ class Options:
     stall_threshold: float = _option(1.0, _positive, "delay reported as a stall")
     exit_timeout: float = _option(default_exit_timeout, _non_negative, "budget at exit")
     settle: float = _option(0.5, _non_negative, "root run ends wait this long for backlog")
-    max_concurrency: int = _option(32, _count, "deliveries to one handler at once, across runs")
+    max_concurrency: int | None = _option(
+        None,
+        _count_or_none,
+        "deliveries to one handler at once, across runs (None: 32 worker threads for a sync "
+        "handler, 256 tasks for an async one)",
+    )
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -169,7 +178,7 @@ class OptionValues(TypedDict, total=False):
     stall_threshold: float
     exit_timeout: float
     settle: float
-    max_concurrency: int
+    max_concurrency: int | None
 
 
 def make_options(**given: Any) -> Options:

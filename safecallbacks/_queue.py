@@ -180,12 +180,14 @@ class Lane:
     """The bounded queue of one handler towards one consumer, routed to strands (``_runs``)."""
 
     loop: asyncio.AbstractEventLoop | None = None
+    default_concurrency = 32  # deliveries at once when ``max_concurrency`` is not given
 
     def __init__(self, engine: LaneOwner) -> None:
         self.engine = engine
         self.queue: deque[Any] = deque()
         self.max_queue = engine.options.max_queue
-        self.concurrency = engine.options.max_concurrency
+        given = engine.options.max_concurrency
+        self.concurrency = self.default_concurrency if given is None else given
         self.router = Router(self, serial=self.concurrency == 1)
         # Recorders take the slow path (``overflow``) from this depth on: the room left
         # once routed events are counted, or lower, where a lane wants to be nudged.
