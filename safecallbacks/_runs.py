@@ -238,6 +238,7 @@ class Router:
         seconds: float = 0.0,
         many: int = 1,
         alone: bool = False,
+        judge: bool = True,
     ) -> list[Strand]:
         """Up to ``many`` runnable strands, some of each one's entries moved to its chunk.
 
@@ -251,6 +252,7 @@ class Router:
             each = seconds / len(done)
             for strand in done:
                 slow = _resize(strand, each) or slow
+            slow = slow and judge  # else the caller judged from the calls themselves
         claimed: list[Strand] = []
         with self.lock:
             if done:
@@ -275,10 +277,13 @@ class Router:
                 claimed.append(strand)
         return claimed
 
-    def release(self, strand: Strand, seconds: float = 0.0, resize: bool = True) -> None:
+    def release(
+        self, strand: Strand, seconds: float = 0.0, resize: bool = True, judge: bool = True
+    ) -> None:
         """A consumer is done with ``strand``'s chunk (after ``seconds``; ``resize``: the
-        chunk was delivered, so its time tells how big the next one should be)."""
-        slow = _resize(strand, seconds) if resize else False
+        chunk was delivered, so its time tells how big the next one should be; ``judge``:
+        that time also says whether deliveries are slow)."""
+        slow = _resize(strand, seconds) and judge if resize else False
         with self.lock:
             self._release(strand)
             if slow:
@@ -301,7 +306,7 @@ class Router:
                 continue
             spent = now - strand.claimed_at
             done = strand.taken - len(strand.chunk)
-            if now - since > STALLED or (spent > STALLED and spent >= STALLED * max(done, 1)):
+            if now - since > STALLED or (done >= 1 and spent >= STALLED * (done + 1)):
                 self.slow_seen = now
                 return True
         return False

@@ -27,7 +27,7 @@ from ._compat import fork_safe
 from ._hooks import END_HOOKS, PAIRED_HOOKS, START_HOOKS
 from ._observe import WAITING_TO_LOG, write_waiting_logs
 from ._queue import LINGER_SECONDS, POLL_SECONDS, Lane, mark_delivery_thread
-from ._runs import SLOW, Strand
+from ._runs import SLOW, STALLED, Strand
 from ._stopping import StopStream
 
 _now = time.monotonic
@@ -111,7 +111,7 @@ class ThreadLane(Lane):
             while budget > 0 and not self.parked:
                 slow = router.slow()
                 claimed = router.claim(
-                    self.limit(), done, _now() - began, 1 if slow else MANY, alone=slow
+                    self.limit(), done, _now() - began, 1 if slow else MANY, alone=slow, judge=False
                 )
                 done = []
                 if not claimed:
@@ -126,21 +126,21 @@ class ThreadLane(Lane):
                     except IndexError:
                         break
                     done.append(strand)
-                    delivered_at = _now()
                     taken = self._deliver(strand, plans)
                     budget -= taken
                     if self.parked:
                         break
-                    if waiting and _now() - delivered_at >= SLOW * max(taken, 1):
-                        # Slow deliveries: the strands claimed behind this one go to other
-                        # workers now, rather than wait for this worker one after another.
+                    if is_slow(strand.batch.durations, taken):
                         router.slow_seen = _now()
-                        self.hand_back(waiting)
-                        pool().spread(self)
+                        if waiting:
+                            # The strands claimed behind this one go to other workers now,
+                            # rather than wait for this worker one after another.
+                            self.hand_back(waiting)
+                            pool().spread(self)
         finally:
             del self.waiting[threading.get_ident()]
             for strand in (*done, *waiting):
-                router.release(strand, _now() - began)
+                router.release(strand, _now() - began, judge=False)
             if self._space_waiters:
                 self._popped()
 
@@ -240,6 +240,16 @@ class ThreadLane(Lane):
             strand.stuck_reported = False
             if len(hooks) >= COMMIT_AT:
                 observer.commit(batch, strand)  # else later: stats count it where it is
+
+
+def is_slow(durations: list[float], taken: int) -> bool:
+    """Whether a chunk's handler calls were slow (SLOW or more each), judged so that the
+    GIL taken away once (a few ms, any time) does not pass for a slow handler: every one
+    of the chunk's calls must have been slow, and a single call must have been STALLED."""
+    recent = durations[-taken:] if taken else []
+    if len(recent) >= 2:
+        return min(recent) >= SLOW
+    return bool(recent) and recent[0] >= STALLED
 
 
 class _Plan:
