@@ -171,7 +171,12 @@ def test_queue_depths_of_handlers_sharing_a_name_add_up(reader: InMemoryMetricRe
 
 
 def test_drops_and_queue_depth_are_reported(reader: InMemoryMetricReader) -> None:
-    blocker = BlockingHandler()
+    warm = harden(RecordingHandler(), name="m-drop-warm")
+    list(fake_chat_model(2).stream("hi", {"callbacks": [warm]}))
+    assert warm.flush(5.0)  # a committed batch: the instruments, the gauge among them, exist
+    # Blocks on the run's start: a start is never shed, whereas a full queue may shed
+    # every token before a busy machine's worker reaches one.
+    blocker = BlockingHandler(hook="on_chat_model_start")
     safe = harden(blocker, max_queue=2, name="m-drop")
     model = fake_chat_model(10, replies=2)
     list(model.stream("hi", {"callbacks": [safe]}))
