@@ -18,6 +18,8 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from contextvars import copy_context
+from functools import partial
+from operator import is_, is_not
 from time import monotonic
 from types import FunctionType, MethodType, TracebackType
 from typing import Any, TypeVar, cast
@@ -51,27 +53,27 @@ class _Hardened:
 
     __slots__ = ()
 
-    # LangChain re-raises a handler's exceptions when raise_error is set; a
-    # hardened handler never has it set, whatever the wrapped class says.
-    @property
-    def raise_error(self) -> bool:
-        return False
-
-    @raise_error.setter
-    def raise_error(self, value: bool) -> None:
-        pass  # accepted for handlers that assign it in __init__, then ignored
-
-    # Inline means LangChain's async path calls the recorder directly instead
-    # of hopping to an executor thread per event.
-    @property
-    def run_inline(self) -> bool:
-        return True
-
-    @run_inline.setter
-    def run_inline(self, value: bool) -> None:
+    def _keep_run_inline(self, value: bool) -> None:
         # Kept as the bare handler's wish: it decides how LangChain would run its
         # hooks on the async path (in the caller's task, or in a task of their own).
         engine_of(self).bare_run_inline = bool(value)
+
+    def _ignore_raise_error(self, value: bool) -> None:
+        pass  # accepted for handlers that assign it in __init__, then ignored
+
+    # LangChain reads both for every event and handler, so the getters are C callables
+    # (``None is self`` is always False, ``None is not self`` always True), not Python
+    # functions: no Python frame per read.
+    raise_error = property(
+        partial(is_, None),
+        _ignore_raise_error,
+        doc="Always False: LangChain must never re-raise a hardened handler's exception.",
+    )
+    run_inline = property(
+        partial(is_not, None),
+        _keep_run_inline,
+        doc="Always True: LangChain calls the recorder in place, with no executor hop.",
+    )
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every event emitted before this call was delivered, failed or dropped.

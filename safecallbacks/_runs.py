@@ -47,8 +47,6 @@ STALLED = 0.01  # a delivery in flight this long is slow too
 CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
 FENCE = object()  # the strand key of events whose run is unknown
-_NOTHING = object()
-_UNKNOWN: tuple[Any, Any, Any] = (_NOTHING, None, None)
 CURRENT_SCOPE: ContextVar[Any] = ContextVar("safecallbacks_scope", default=None)
 """The request scope (``_scope.Scope``) the caller is in: read when a run starts."""
 
@@ -207,7 +205,6 @@ class Router:
         self.claimed: set[Strand] = set()  # strands being delivered
         self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
-        self._last: tuple[Any, Any, Any] = _UNKNOWN  # see pump
         self.pumped_at = 0.0
 
     # --- what the lane and its consumers ask ---------------------------------------
@@ -347,41 +344,41 @@ class Router:
     def pump(self) -> None:
         """Route what the lane's queue holds, in order, until something must wait.
 
-        A run's events mostly come in a row (a stream's tokens): one that belongs to the
-        run the event before it was routed to goes straight to the same strand.
+        Per event, this is the worker's share of the token path, so the common case is
+        inlined: an event of a known run that neither ends it nor meets a fence goes
+        straight to its run's strand. Runs, starts, ends, fences and barriers take
+        ``_route``.
         """
         lane = self.lane
         queue = lane.queue
         popleft = queue.popleft
         route = self._route
+        runs = self.runs
         ends = END_HOOKS
-        last_run: Any = _NOTHING
-        append: Any = None
-        routed: dict[str, int] | None = None
         held = 0
         while True:
             try:
                 entry = popleft()  # only ever under this lock: put back if it must wait
             except IndexError:
                 break
-            if (
-                entry.__class__ is tuple
-                and entry[2].get("run_id") is last_run
-                and entry[0] not in ends
-            ):
-                append(entry)
-                held += 1
-                if routed is not None:
-                    routed[entry[0]] = routed.get(entry[0], 0) + 1
-                continue
+            if entry.__class__ is tuple and entry[0] not in ends and not self.fenced:
+                run_id = entry[2].get("run_id")
+                trace = runs.get(run_id) if run_id is not None else None
+                strand = trace.strand if trace is not None else None
+                if strand is not None:
+                    strand.entries.append(entry)
+                    held += 1
+                    routed = strand.routed
+                    if routed is not None:
+                        routed[entry[0]] = routed.get(entry[0], 0) + 1
+                    if not strand.busy and not strand.queued:
+                        self._schedule(strand)
+                    continue
             if not route(entry):
                 queue.appendleft(entry)
                 break
-            if entry.__class__ is tuple:
-                last_run, append, routed = self._last
-            else:
+            if entry.__class__ is not tuple:
                 lane.control_left()
-                last_run = _NOTHING
         self.held += held
         self.pumped_at = _now()
         lane.room_changed(self.routed())
@@ -395,7 +392,6 @@ class Router:
                 return self._fence(entry)
             if self.fenced:
                 return False
-            self._last = _UNKNOWN
             strand = trace.strand
             if strand is None:  # its start was shed: so is everything of it
                 self.lane.engine.observer.dropped(entry[0], reason="queue_full")
@@ -407,9 +403,7 @@ class Router:
                 routed = strand.routed
                 if routed is not None:
                     routed[entry[0]] = routed.get(entry[0], 0) + 1
-                self._last = (run_id, strand.entries.append, routed)
             if entry[0] in END_HOOKS:
-                self._last = _UNKNOWN
                 self._run_ended(run_id, trace)
             return True
         if kind is RunMark:
@@ -501,7 +495,6 @@ class Router:
 
     def _fence(self, entry: Any) -> bool:
         """An event of an unknown run: alone, after everything before it."""
-        self._last = _UNKNOWN
         if any(s.active() for k, s in self.strands.items() if k is not FENCE):
             return False
         self._append(self._strand(FENCE), entry)

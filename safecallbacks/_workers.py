@@ -120,23 +120,7 @@ class ThreadLane(Lane):
                     pool().spread(self)
                 began = _now()
                 waiting.extend(claimed)
-                while True:
-                    try:
-                        strand = waiting.popleft()
-                    except IndexError:
-                        break
-                    done.append(strand)
-                    taken = self._deliver(strand, plans)
-                    budget -= taken
-                    if self.parked:
-                        break
-                    if is_slow(strand.batch.durations, taken):
-                        router.slow_seen = _now()
-                        if waiting:
-                            # The strands claimed behind this one go to other workers now,
-                            # rather than wait for this worker one after another.
-                            self.hand_back(waiting)
-                            pool().spread(self)
+                budget -= self._deliver(waiting, done, plans)
         finally:
             del self.waiting[threading.get_ident()]
             for strand in (*done, *waiting):
@@ -158,88 +142,112 @@ class ThreadLane(Lane):
                 break
             self.router.release(strand, resize=False)
 
-    def _deliver(self, strand: Strand, plans: dict[str, _Plan]) -> int:
-        """Deliver a strand's chunk; the loop is kept lean on purpose (it is per event).
+    def _deliver(self, waiting: deque[Strand], done: list[Strand], plans: dict[str, _Plan]) -> int:
+        """Deliver the chunks of the strands in ``waiting``, one strand after another
+        (each moves to ``done`` as it begins); the events delivered or skipped.
 
-        Per event: the handler call in the event's context, two attribute stores
-        that let the watchdog see it in flight, a clock read and three appends.
-        What depends only on the hook is looked up once per drain (``_Plan``),
-        and counts, timings and outcomes are settled per batch by ``commit``.
+        Kept lean on purpose: while deliveries are quick a chunk holds one or two
+        events of each of many interleaved runs, so what is per strand costs as much
+        as what is per event. Per event: the handler call in the event's context, two
+        attribute stores that let the watchdog see it in flight, a clock read and
+        three appends. What depends only on the hook is looked up once per drain
+        (``_Plan``), and counts, timings and outcomes are settled per batch by
+        ``commit``. A strand whose calls were slow sends the strands claimed behind
+        it to other workers.
         """
-        chunk = strand.chunk
         engine = self.engine
         stops = engine.stops
         observer = engine.observer
         breaker = observer.breaker
-        batch = strand.batch
-        durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-        started = strand.claimed_at = _now()  # the watchdog judges the chunk's pace from here
-        taken = len(chunk)
-        try:
-            while True:
-                try:
-                    entry = chunk.popleft()
-                except IndexError:
-                    return taken
-                if entry.__class__ is not tuple:
-                    batch = observer.commit(batch, strand)  # exact counts once a flush returns
-                    durations, lags, hooks = batch.durations, batch.lags, batch.hooks
-                    self.router.reached(entry, strand)
-                    started = _now()
-                    continue
-                hook, args, kwargs, context, emitted_at, loop = entry
-                plan = plans.get(hook)
-                if plan is None:
-                    plan = plans[hook] = _Plan(engine, hook)
-                if plan.tracks_runs:
-                    run_id = kwargs.get("run_id")
-                    if plan.starts:
-                        stops.remember_parent(run_id, kwargs)
-                if breaker.state != "closed":
-                    if breaker.state == "open" and not plan.tracks_runs and breaker.resting():
-                        # Skipped without the observer's lock: counted with the batch.
-                        batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
+        router = self.router
+        delivered = 0
+        while True:
+            try:
+                strand = waiting.popleft()
+            except IndexError:
+                return delivered
+            done.append(strand)
+            chunk = strand.chunk
+            batch = strand.batch
+            durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+            started = strand.claimed_at = _now()  # the watchdog judges the chunk's pace from here
+            taken = len(chunk)
+            try:
+                while True:
+                    try:
+                        entry = chunk.popleft()
+                    except IndexError:
+                        break
+                    if entry.__class__ is not tuple:
+                        batch = observer.commit(batch, strand)  # exact counts once a flush returns
+                        durations, lags, hooks = batch.durations, batch.lags, batch.hooks
+                        router.reached(entry, strand)
+                        started = _now()
                         continue
-                    if not observer.admit(hook, kwargs.get("run_id"), batch):
-                        continue
-                strand.busy_since, strand.inflight = started, hook
-                failed = False
-                try:
-                    result = context.run(plan.call, *args, **kwargs)
-                    if result is not None and isinstance(result, Awaitable):
-                        context.run(engine.await_elsewhere, result, loop)
-                except StopStream as stop:
-                    stops.mark(hook, kwargs.get("run_id"), stop)
-                except BaseException as exc:  # a worker must survive whatever a handler does
-                    failed = True
-                    error_name = observer.failure(
-                        hook, exc, kwargs.get("run_id"), args, kwargs, context
-                    )
-                strand.busy_since = strand.inflight = None  # settled: no longer pending
-                ended = _now()
-                durations.append(ended - started)
-                lags.append(started - emitted_at)
-                hooks.append(hook)
-                if failed:
-                    key = (hook, error_name)
-                    batch.failures[key] = batch.failures.get(key, 0) + 1
-                    if engine.wanted_mode is not None and engine.wanted_mode[2]:
-                        # A thread-bound failure: what is queued is for the caller's thread.
-                        self.parked = True
-                        return taken - len(chunk)
-                elif breaker.consecutive:
-                    observer.outcome(True)
-                if plan.tracks_runs:
-                    if plan.ends:
-                        stops.run_ended(run_id)
-                    if not failed and plan.paired:
-                        observer.track_run(hook, run_id)
-                started = ended
-        finally:
-            strand.busy_since, strand.inflight = None, None
-            strand.stuck_reported = False
-            if len(hooks) >= COMMIT_AT:
-                observer.commit(batch, strand)  # else later: stats count it where it is
+                    hook, args, kwargs, context, emitted_at, loop = entry
+                    plan = plans.get(hook)
+                    if plan is None:
+                        plan = plans[hook] = _Plan(engine, hook)
+                    if plan.tracks_runs:
+                        run_id = kwargs.get("run_id")
+                        if plan.starts:
+                            stops.remember_parent(run_id, kwargs)
+                    if breaker.state != "closed":
+                        if breaker.state == "open" and not plan.tracks_runs and breaker.resting():
+                            # Skipped without the observer's lock: counted with the batch.
+                            batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
+                            continue
+                        if not observer.admit(hook, kwargs.get("run_id"), batch):
+                            continue
+                    strand.busy_since, strand.inflight = started, hook
+                    failed = False
+                    try:
+                        result = context.run(plan.call, *args, **kwargs)
+                        if result is not None and isinstance(result, Awaitable):
+                            context.run(engine.await_elsewhere, result, loop)
+                    except StopStream as stop:
+                        stops.mark(hook, kwargs.get("run_id"), stop)
+                    except BaseException as exc:  # a worker must survive whatever a handler does
+                        failed = True
+                        error_name = observer.failure(
+                            hook, exc, kwargs.get("run_id"), args, kwargs, context
+                        )
+                    strand.busy_since = strand.inflight = None  # settled: no longer pending
+                    ended = _now()
+                    durations.append(ended - started)
+                    lags.append(started - emitted_at)
+                    hooks.append(hook)
+                    if failed:
+                        key = (hook, error_name)
+                        batch.failures[key] = batch.failures.get(key, 0) + 1
+                        if engine.wanted_mode is not None and engine.wanted_mode[2]:
+                            # A thread-bound failure: what is queued is for the caller's thread.
+                            self.parked = True
+                            return delivered + taken - len(chunk)
+                    elif breaker.consecutive:
+                        observer.outcome(True)
+                    if plan.tracks_runs:
+                        if plan.ends:
+                            stops.run_ended(run_id)
+                        if not failed and plan.paired:
+                            observer.track_run(hook, run_id)
+                    started = ended
+            finally:
+                strand.busy_since, strand.inflight = None, None
+                strand.stuck_reported = False
+                if len(hooks) >= COMMIT_AT:
+                    observer.commit(batch, strand)  # else later: stats count it where it is
+            delivered += taken
+            if self.parked:
+                return delivered
+            # The last call is as slow as the slowest is quick: most chunks need no more.
+            if durations and durations[-1] >= SLOW and is_slow(durations, taken):
+                router.slow_seen = _now()
+                if waiting:
+                    # The strands claimed behind this one go to other workers now,
+                    # rather than wait for this worker one after another.
+                    self.hand_back(waiting)
+                    pool().spread(self)
 
 
 def is_slow(durations: list[float], taken: int) -> bool:

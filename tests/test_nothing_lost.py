@@ -1309,6 +1309,20 @@ def signalling_once(step: Callable[..., Any]) -> Callable[..., Any]:
     return signalled
 
 
+class SignallingLookups(dict[Any, Any]):
+    """A dict whose first ``get`` on the main thread raises a real SIGINT (see above)."""
+
+    def __init__(self, items: dict[Any, Any]) -> None:
+        super().__init__(items)
+        self.armed = True
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self.armed and threading.current_thread() is threading.main_thread():
+            self.armed = False
+            signal.raise_signal(signal.SIGINT)
+        return super().get(key, default)
+
+
 def interrupted_before(step: Callable[..., Any]) -> Callable[..., Any]:
     """Ctrl-C as ``step`` is called (main thread), before it does anything; once."""
     armed = [True]
@@ -1383,7 +1397,9 @@ def test_ctrl_c_while_a_full_queue_makes_room_never_leaves_an_event_pending(
         safe.on_llm_new_token(str(i), run_id=run_id)
     router = lane.router
     if where == "routing":
-        monkeypatch.setattr(router, "_route", signalling_once(router._route))
+        # Each queued event's run is looked up as it is routed: the signal comes between
+        # taking the event off the queue and appending it to its run's strand.
+        router.runs = SignallingLookups(router.runs)
     elif where == "shedding":
         monkeypatch.setattr(router, "shed_token", signalling_once(router.shed_token))
     elif where == "measuring":
