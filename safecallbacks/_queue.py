@@ -137,6 +137,11 @@ class Barrier:
         if parts == 0:
             self.release()
 
+    def add_parts(self, more: int) -> None:
+        """A part not yet reached was split in ``more + 1`` (``Router._unmerge``)."""
+        with self._lock:
+            self._parts += more
+
     def release_part(self) -> None:
         with self._lock:
             self._parts -= 1
@@ -181,6 +186,10 @@ class Lane:
 
     loop: asyncio.AbstractEventLoop | None = None
     default_concurrency = 32  # deliveries at once when ``max_concurrency`` is not given
+    # Whether quick deliveries of many runs share one strand (``Router.merges``), for
+    # which the consumer pops a chunk's head only once it is delivered.
+    merges = False
+    pops_after = False
 
     def __init__(self, engine: LaneOwner) -> None:
         self.engine = engine

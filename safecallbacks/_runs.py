@@ -9,7 +9,10 @@ its root, whichever thread emits them. Strands are delivered side by side, at
 most ``max_concurrency`` at once, but runs that did not overlap when emitted
 never are: a new root run waits (a ``Gate``) until every root run that ended
 before it started has been delivered. While deliveries are quick one consumer
-takes many strands in turn; slow ones are spread over several. An event of a run
+keeps up with everything: then the root runs of every emitter share one strand,
+delivered in the lane's own order with no work per run or per strand; once a
+delivery is slow, that strand is split run by run (``Router._unmerge``) and
+strands are spread over several consumers. An event of a run
 the lane never saw start (a hook called by hand, a handler attached mid-run) is a *fence*:
 delivered alone, after everything before it and before anything after it.
 
@@ -47,6 +50,7 @@ STALLED = 0.01  # a delivery in flight this long is slow too
 CALM = 1.0  # seconds without a slow delivery before one consumer is enough again
 RECENT_ENDS = 4096  # root ends remembered for the settle barrier that follows each
 FENCE = object()  # the strand key of events whose run is unknown
+FORGET_AT = 256  # ended runs of the shared strand kept before looking which can go
 CURRENT_SCOPE: ContextVar[Any] = ContextVar("safecallbacks_scope", default=None)
 """The request scope (``_scope.Scope``) the caller is in: read when a run starts."""
 
@@ -57,20 +61,29 @@ class Gate:
     ``waits``: only those of them (the others belong to requests in progress side by side).
     """
 
-    __slots__ = ("after", "waits")
+    __slots__ = ("after", "behind", "trace", "waits")
 
-    def __init__(self, after: int, waits: frozenset[int] | None = None) -> None:
+    def __init__(
+        self,
+        after: int,
+        waits: frozenset[int] | None = None,
+        trace: _Trace | None = None,
+        behind: Strand | None = None,
+    ) -> None:
         self.after = after
         self.waits = waits
+        self.trace = trace  # the root run it stands before (to move it with that run)
+        self.behind = behind  # or: open once this strand holds nothing (see Router._unmerge)
 
 
 class TraceEnd:
     """Placed after a root run's end: delivering it marks that run done (opening gates)."""
 
-    __slots__ = ("index",)
+    __slots__ = ("index", "trace")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, trace: _Trace | None = None) -> None:
         self.index = index
+        self.trace = trace
 
 
 class Part:
@@ -106,13 +119,19 @@ class RunMark:
 class _Trace:
     """A root run and every run under it: the strand they follow."""
 
-    __slots__ = ("root", "scope", "shed", "strand")
+    __slots__ = ("after", "key", "root", "scope", "shed", "strand")
 
-    def __init__(self, root: Any, strand: Strand | None, scope: Any = None) -> None:
+    def __init__(
+        self, root: Any, strand: Strand | None, scope: Any = None, key: object = None
+    ) -> None:
         self.root = root
         self.strand = strand
         self.scope = scope
         self.shed = strand is None
+        self.key = key  # its emitter: the strand it gets when a merged strand is split
+        # Started on the shared strand behind root runs that had ended: the gate it
+        # needs (``Gate(after)``) if it moves to a strand of its own before they are done.
+        self.after = 0
 
 
 class Strand:
@@ -130,6 +149,7 @@ class Strand:
         "inflight",
         "key",
         "marks",
+        "merged_out",
         "queued",
         "routed",
         "scope",
@@ -163,6 +183,7 @@ class Strand:
         # The busy_since of a delivery a root run's end already waited for in vain: the
         # same hung delivery never costs a second wait.
         self.settle_gave_up: float | None = None
+        self.merged_out = False  # a shared strand whose runs moved out (Router._unmerge)
 
     def active(self) -> bool:
         return self.busy or bool(self.entries)
@@ -206,6 +227,13 @@ class Router:
         self.claimed_events = 0  # events in their chunks when claimed
         self.fenced = False  # the fence strand holds or delivers something
         self.pumped_at = 0.0
+        # While deliveries are quick, the unscoped root runs of every emitter share one
+        # strand (the lane's own order, one consumer, no work per run); split by emitter
+        # when deliveries turn slow (``_unmerge``). Thread lanes only.
+        self.merges = lane.merges and not serial
+        self.merge_key: object | None = None  # the shared strand's key while merging
+        self.merged_ends: set[int] = set()  # root ends routed to it, not yet done
+        self.merged_gone: dict[Any, _Trace] = {}  # runs ended there whose events it may hold
 
     # --- what the lane and its consumers ask ---------------------------------------
 
@@ -213,7 +241,11 @@ class Router:
         """Events routed and not yet delivered (read without the lock)."""
         if not self.claimed:
             return self.held
-        return self.held + sum(len(s.chunk) - s.controls for s in list(self.claimed))
+        claimed = list(self.claimed)
+        chunks = sum(len(s.chunk) - s.controls for s in claimed)
+        if self.lane.pops_after:  # the event in delivery is still its chunk's head
+            chunks -= sum(1 for s in claimed if s.inflight is not None)
+        return self.held + chunks
 
     def routed(self) -> int:
         """``backlog`` or a little more (chunks count in full until released): O(1)."""
@@ -256,6 +288,8 @@ class Router:
                 self._release_all(done)
                 if slow:
                     self.slow_seen = _now()
+            if self.merge_key is not None and self.slow():
+                self._unmerge()
             self.pump()
             now = self.pumped_at
             # Many strands for one consumer in turn (quick deliveries) count as one.
@@ -298,6 +332,8 @@ class Router:
             claimed.discard(strand)
             self.claimed_events -= strand.taken
             strand.controls = 0
+            if strand.key is self.merge_key and self.merged_gone:
+                self._forget_delivered(strand)
             if strand.entries:
                 self._schedule(strand)
             else:
@@ -318,6 +354,13 @@ class Router:
     def slow(self) -> bool:
         """Whether a delivery took SLOW or more lately: then strands go to several consumers."""
         return _now() - self.slow_seen < CALM
+
+    def unmerge_if_slow(self) -> None:
+        """Watchdog: split the shared strand once a delivery of it is found slow."""
+        if self.merge_key is not None and self.slow():
+            with self.lock:
+                if self.merge_key is not None:
+                    self._unmerge()
 
     def stalled(self, now: float) -> bool:
         """Watchdog: True when a delivery has been in flight for STALLED (slow too), or a
@@ -472,13 +515,143 @@ class Router:
             return
         if scope is not None:
             self.scoped = True
-        strand = self._strand(FENCE if self.serial else mark.key, scope)
+        key = FENCE if self.serial else mark.key
+        merged = False
+        if self.merges and scope is None:
+            if self.merge_key is None and not self.slow():
+                self.merge_key = object()  # calm again: new runs share one strand
+            if self.merge_key is not None and not self._emitter_busy(mark.key):
+                key, merged = self.merge_key, True
+        strand = self._strand(key, scope)
         strand.traces += 1
+        trace = _Trace(mark.run_id, strand, scope, mark.key)
         if (not self.serial or self.scoped) and self.done_mark < self.ends_routed:
-            gate = self._gate(scope)
-            if gate is not None:
-                self._append(strand, gate)
-        self.runs[mark.run_id] = _Trace(mark.run_id, strand, scope)
+            if merged and self._ends_pending() == len(self.merged_ends):
+                # They are all ahead of it on the shared strand, delivered in order.
+                trace.after = self.ends_routed
+            else:
+                gate = self._gate(scope)
+                if gate is not None:
+                    gate.trace = trace
+                    self._append(strand, gate)
+        self.runs[mark.run_id] = trace
+
+    def _forget_delivered(self, merged: Strand) -> None:
+        """Ended runs of the shared strand with nothing left in it need not be kept;
+        looked for only once they outnumber its entries (amortised, at most O(1) each)."""
+        entries = merged.entries
+        if not entries:
+            self.merged_gone.clear()
+            return
+        if len(self.merged_gone) <= FORGET_AT + 2 * len(entries):
+            return
+        left = {entry[2].get("run_id") for entry in entries if entry.__class__ is tuple}
+        self.merged_gone = {run: t for run, t in self.merged_gone.items() if run in left}
+
+    def _emitter_busy(self, key: object) -> bool:
+        """Whether the emitter has runs on a strand of its own (from before a merge): its
+        new ones join them there, so that what it emits stays one at a time, in order."""
+        own = self.strands.get(key)
+        return own is not None and (own.traces > 0 or own.active())
+
+    def _ends_pending(self) -> int:
+        """Root runs ended whose ends have not been delivered yet."""
+        return self.ends_routed - self.done_mark - len(self.done_early)
+
+    def _unmerge(self) -> None:
+        """Deliveries turned slow: the runs sharing one strand get their emitters' strands.
+
+        What the shared strand holds moves in order to the strands of the runs it
+        belongs to, ended runs' events, ends and gates included; a barrier's part
+        becomes a part in every strand that received something before it. The head of
+        a chunk being delivered stays (``ThreadLane._deliver`` pops an event only once
+        it is delivered): its run's strand waits until the shared strand holds nothing.
+        """
+        key, self.merge_key = self.merge_key, None
+        self.merged_ends.clear()
+        gone, self.merged_gone = self.merged_gone, {}
+        merged = self.strands.get(key)
+        if merged is None:
+            return
+        merged.merged_out = True
+        merged.traces = 0
+        self._move_traces(merged, gone)
+        head, moving = self._empty(merged)
+        placed: dict[int, Strand] = {}  # where moved entries went, in order of first use
+        begun: set[int] = set()  # traces past the ends they started behind
+        if head is not None:
+            placed[id(merged)] = merged  # a barrier part after the head waits for it there
+            if head.__class__ is tuple:
+                trace = self._trace_of(head, gone)
+                if trace is not None and trace.strand is not None:
+                    begun.add(id(trace))
+                    self._append(trace.strand, Gate(0, behind=merged))
+        for entry in moving:
+            kind = entry.__class__
+            if kind is Part:
+                self._split_part(entry, list(placed.values()))
+                continue
+            trace = self._trace_of(entry, gone) if kind is tuple else entry.trace
+            if trace is None or trace.strand is None:
+                self._append(merged, entry)  # not expected: kept in order where it was
+                placed[id(merged)] = merged
+                continue
+            target = trace.strand
+            if id(trace) not in begun:
+                begun.add(id(trace))
+                if trace.after > self.done_mark:  # it no longer follows those ends in order
+                    self._append(target, Gate(trace.after, trace=trace))
+            self._append(target, entry)
+            placed[id(target)] = target
+
+    def _move_traces(self, merged: Strand, gone: dict[Any, _Trace]) -> None:
+        for trace in {id(t): t for t in (*self.runs.values(), *gone.values())}.values():
+            if trace.strand is merged:
+                own = trace.strand = self._strand(trace.key)
+                if self.runs.get(trace.root) is trace:
+                    own.traces += 1
+        for run, strand in list(self.recent_ends.items()):
+            ended = gone.get(run)
+            if strand is merged and ended is not None:
+                self.recent_ends[run] = ended.strand
+
+    def _empty(self, merged: Strand) -> tuple[Any, list[Any]]:
+        """Take everything out of ``merged`` but the head of a chunk being delivered."""
+        stolen: list[Any] = []
+        head = None
+        if merged.busy:
+            chunk = merged.chunk
+            while len(chunk) > 1:  # its consumer only ever pops the head (once delivered)
+                stolen.append(chunk.pop())
+            try:
+                head = chunk[0]
+            except IndexError:
+                head = None
+            stolen.reverse()
+            events = sum(1 for entry in stolen if entry.__class__ is tuple)
+            merged.taken -= events
+            merged.controls -= len(stolen) - events
+            self.claimed_events -= events
+            self.held += events
+        stolen.extend(merged.entries)
+        merged.entries.clear()
+        merged.marks = 0
+        return head, stolen
+
+    def _trace_of(self, entry: Any, gone: dict[Any, _Trace]) -> _Trace | None:
+        run_id = entry[2].get("run_id")
+        trace = self.runs.get(run_id)
+        return trace if trace is not None else gone.get(run_id)
+
+    def _split_part(self, part: Part, targets: list[Strand]) -> None:
+        """A barrier's part, split into one part in each of ``targets``."""
+        if not targets:
+            part.whole.release_part()
+            return
+        part.whole.add_parts(len(targets) - 1)
+        self._append(targets[0], part)
+        for strand in targets[1:]:
+            self._append(strand, Part(part.whole))
 
     def _gate(self, scope: Any) -> Gate | None:
         """What a new root run of ``scope`` waits for: the root runs that ended before it,
@@ -496,6 +669,9 @@ class Router:
         return Gate(max(waits) + 1, waits)
 
     def _opened(self, gate: Gate) -> bool:
+        behind = gate.behind
+        if behind is not None:
+            return not behind.active()
         if gate.after <= self.done_mark:
             return True
         waits = gate.waits
@@ -506,11 +682,14 @@ class Router:
 
     def _run_ended(self, run_id: Any, trace: _Trace) -> None:
         self.runs.pop(run_id, None)
+        strand = trace.strand
+        merged = strand is not None and strand.key is self.merge_key
+        if merged:
+            self.merged_gone[run_id] = trace  # its events there may still have to move
         if run_id != trace.root:
             return
         index = self.ends_routed
         self.ends_routed += 1
-        strand = trace.strand
         if len(self.recent_ends) >= RECENT_ENDS:
             del self.recent_ends[next(iter(self.recent_ends))]
         self.recent_ends[run_id] = strand
@@ -520,7 +699,9 @@ class Router:
             self._done(index)
             return
         strand.traces -= 1
-        self._append(strand, TraceEnd(index))
+        if merged:
+            self.merged_ends.add(index)
+        self._append(strand, TraceEnd(index, trace))
 
     def _fence(self, entry: Any) -> bool:
         """An event of an unknown run: alone, after everything before it."""
@@ -616,9 +797,15 @@ class Router:
             self.lane.engine.observer.commit(strand.batch, strand)
             if strand.scope is not None:
                 strand.scope.retire(strand)
+            if strand.key is self.merge_key:
+                self.merged_gone.clear()
+            elif self.gated and strand.merged_out:
+                self._reopen_gated()  # runs moved out of it waited for it (Gate.behind)
 
     def _done(self, index: int) -> None:
         self.end_scopes.pop(index, None)
+        if self.merged_ends:
+            self.merged_ends.discard(index)
         if index != self.done_mark:
             self.done_early.add(index)
             if not self.scoped:
@@ -628,6 +815,9 @@ class Router:
             while self.done_mark in self.done_early:
                 self.done_early.discard(self.done_mark)
                 self.done_mark += 1
+        self._reopen_gated()
+
+    def _reopen_gated(self) -> None:
         for strand in list(self.gated):
             head = strand.entries[0] if strand.entries else None
             if head is None or head.__class__ is not Gate or self._opened(head):
@@ -664,21 +854,28 @@ class Router:
         dropped: Counter[str] = Counter()
         for strand in list(self.strands.values()):
             # A chunk is its consumer's, but each entry is popped once, by it or here:
-            # a delivery in flight finishes, what waits behind it is dropped.
-            for entries in (strand.chunk, strand.entries):
-                while True:
-                    try:
-                        entry = entries.popleft()
-                    except IndexError:
-                        break
-                    kind = entry.__class__
-                    if kind is tuple:
-                        dropped[entry[0]] += 1
-                        note_dropped(strand, entry[0])
-                    elif kind is Part:
-                        entry.whole.release_part()
-                    elif kind is TraceEnd:
-                        self._done(entry.index)
+            # a delivery in flight finishes, what waits behind it is dropped. A thread
+            # lane's consumer pops its chunk's head once delivered: that one is its.
+            keep = 1 if strand.busy and self.lane.pops_after else 0
+            chunk = strand.chunk
+            taken: list[Any] = []
+            while len(chunk) > keep:
+                try:
+                    taken.append(chunk.pop())
+                except IndexError:
+                    break
+            taken.reverse()
+            taken.extend(strand.entries)
+            strand.entries.clear()
+            for entry in taken:
+                kind = entry.__class__
+                if kind is tuple:
+                    dropped[entry[0]] += 1
+                    note_dropped(strand, entry[0])
+                elif kind is Part:
+                    entry.whole.release_part()
+                elif kind is TraceEnd:
+                    self._done(entry.index)
             strand.controls = strand.marks = 0
             if not strand.busy:
                 self._after(strand)
@@ -728,8 +925,8 @@ class Router:
                     except RuntimeError:  # mutated while copying; try again
                         continue
                 found.update(e[0] for e in listed if e.__class__ is tuple)
-            if strand.inflight is not None:
-                found[strand.inflight] += 1
+            if strand.inflight is not None and not self.lane.pops_after:
+                found[strand.inflight] += 1  # popped from its chunk while in delivery
         return found
 
 

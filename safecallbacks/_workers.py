@@ -40,6 +40,7 @@ _LAST_NUDGE = [0.0]
 BATCH = 512  # events one worker takes from one lane before giving others a turn
 COMMIT_AT = 512  # deliveries a strand's results gather before they are committed
 MANY = 64  # strands one worker claims at once while deliveries are quick
+MIXED = 4  # calls in a chunk from which half of them slow make it slow
 WATCHDOG_SECONDS = 0.25  # how often stuck deliveries are looked for
 SLOW_POLL = 0.01  # how often, while some lane's deliveries are slow
 BUSY_POLL = 0.05  # how often, while workers deliver (a stuck one is found this soon)
@@ -51,6 +52,9 @@ IDLE_EXIT_ENV = "SAFECALLBACKS_WORKER_IDLE"
 
 class ThreadLane(Lane):
     """Drained by the shared worker pool: up to ``max_concurrency`` workers, a strand each."""
+
+    merges = True
+    pops_after = True
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
@@ -168,17 +172,21 @@ class ThreadLane(Lane):
                 return delivered
             done.append(strand)
             chunk = strand.chunk
+            popleft = chunk.popleft
             batch = strand.batch
             durations, lags, hooks = batch.durations, batch.lags, batch.hooks
             started = strand.claimed_at = _now()  # the watchdog judges the chunk's pace from here
             taken = len(chunk)
             try:
                 while True:
+                    # The head is popped once delivered: while it is in the chunk, it is
+                    # this worker's (Router._unmerge takes only what follows it).
                     try:
-                        entry = chunk.popleft()
+                        entry = chunk[0]
                     except IndexError:
                         break
                     if entry.__class__ is not tuple:
+                        popleft()
                         batch = observer.commit(batch, strand)  # exact counts once a flush returns
                         durations, lags, hooks = batch.durations, batch.lags, batch.hooks
                         router.reached(entry, strand)
@@ -195,9 +203,11 @@ class ThreadLane(Lane):
                     if breaker.state != "closed":
                         if breaker.state == "open" and not plan.tracks_runs and breaker.resting():
                             # Skipped without the observer's lock: counted with the batch.
+                            popleft()
                             batch.skipped[hook] = batch.skipped.get(hook, 0) + 1
                             continue
                         if not observer.admit(hook, kwargs.get("run_id"), batch):
+                            popleft()
                             continue
                     strand.busy_since, strand.inflight = started, hook
                     failed = False
@@ -212,6 +222,7 @@ class ThreadLane(Lane):
                         error_name = observer.failure(
                             hook, exc, kwargs.get("run_id"), args, kwargs, context
                         )
+                    popleft()
                     strand.busy_since = strand.inflight = None  # settled: no longer pending
                     ended = _now()
                     durations.append(ended - started)
@@ -240,8 +251,13 @@ class ThreadLane(Lane):
             delivered += taken
             if self.parked:
                 return delivered
-            # The last call is as slow as the slowest is quick: most chunks need no more.
-            if durations and durations[-1] >= SLOW and is_slow(durations, taken):
+            # Most chunks need no more than this: the last call was quick, and (a chunk of
+            # many runs mixes quick hooks with slow ones) the chunk's pace was too.
+            if (
+                durations
+                and (durations[-1] >= SLOW or started - strand.claimed_at >= SLOW * taken / 2)
+                and is_slow(durations, taken)
+            ):
                 router.slow_seen = _now()
                 if waiting:
                     # The strands claimed behind this one go to other workers now,
@@ -252,9 +268,12 @@ class ThreadLane(Lane):
 
 def is_slow(durations: list[float], taken: int) -> bool:
     """Whether a chunk's handler calls were slow (SLOW or more each), judged so that the
-    GIL taken away once (a few ms, any time) does not pass for a slow handler: every one
-    of the chunk's calls must have been slow, and a single call must have been STALLED."""
+    GIL taken away once (a few ms, any time) does not pass for a slow handler: of a few
+    calls every one must have been slow, of many (several runs' hooks, quick ones among
+    them) at least half, and a single call must have been STALLED."""
     recent = durations[-taken:] if taken else []
+    if len(recent) >= MIXED:
+        return sum(1 for took in recent if took >= SLOW) * 2 >= len(recent)
     if len(recent) >= 2:
         return min(recent) >= SLOW
     return bool(recent) and recent[0] >= STALLED
@@ -305,6 +324,7 @@ class Pool:
         self.threads: set[threading.Thread] = set()
         self.watchdog: threading.Thread | None = None
         self.idle = 0
+        self.polling = False  # an idle worker polls the lingering lanes (the watchdog need not)
         self.starting = 0  # workers started that have not looked for work yet
         self.idle_exit = _idle_exit_seconds()
         self._serial = 0
@@ -379,12 +399,31 @@ class Pool:
             if self.lingering.pop(lane, None) is not None:
                 lane.scheduled = False
 
-    def _make_ready(self, lane: ThreadLane, now: float) -> None:
+    def _make_ready(self, lane: ThreadLane, now: float, notify: bool = True) -> None:
         lane.ready_at = now
         lane.slots += 1
         self.ready.append(lane)
-        if self.idle:
+        if notify and self.idle:
             self.cond.notify()
+
+    def _poll_lingering(self, now: float, notify: bool = True) -> None:
+        """Lingering lanes with new events become ready (``notify``: wake an idle worker
+        for them; a polling worker takes them itself); quiet ones go idle."""
+        for lane, since in list(self.lingering.items()):
+            if lane.parked:
+                if now - since < lane.engine.options.stall_threshold:
+                    continue  # its emitter takes it over at its next event
+                lane.parked = False  # nobody came: delivered here after all
+                lane.engine.adapt.trial_abandoned()
+            if lane.holds_work():
+                del self.lingering[lane]
+                self._make_ready(lane, now, notify)
+            elif now - since >= LINGER_SECONDS:
+                del self.lingering[lane]
+                lane.scheduled = False
+                if lane.queue:  # an event slipped in before the flag dropped
+                    lane.scheduled = True
+                    self._make_ready(lane, now, notify)
 
     def _spawn(self) -> None:
         if len(self.threads) >= MAX_WORKERS:
@@ -434,9 +473,18 @@ class Pool:
                 self._after_drain(lane)
 
     def _next_lane(self) -> ThreadLane | None:
+        """The next ready lane; while none is, one idle worker polls the lingering ones.
+
+        Polling from an idle worker rather than the watchdog saves a thread switch per
+        poll: the worker that finds new events delivers them itself.
+        """
         with self.lock:
             idle_since = _now()
             while not self.ready:
+                if self.lingering and not self.polling:
+                    self._poll_as_worker()
+                    idle_since = _now()
+                    continue
                 self.idle += 1
                 self.cond.wait(self.idle_exit)
                 self.idle -= 1
@@ -447,7 +495,28 @@ class Pool:
             lane.slots -= 1
             lane.holders += 1
             self.busy.add(lane)
+            if self.ready or (self.lingering and not self.polling):
+                self._call_for_help()
             return lane
+
+    def _poll_as_worker(self) -> None:
+        self.polling = True
+        self.idle += 1
+        try:
+            self.cond.wait(POLL_SECONDS)
+        finally:
+            self.idle -= 1
+            self.polling = False
+        self._poll_lingering(_now(), notify=False)
+
+    def _call_for_help(self) -> None:
+        """More lanes are ready (a polling worker found them, notifying nobody), or the
+        lingering ones are left without a polling worker: another idle worker sees to
+        them, else the watchdog (which starts a worker if they wait)."""
+        if self.idle:
+            self.cond.notify()
+        elif self.watchdog is not None:
+            self.watch.notify()
 
     def _after_drain(self, lane: ThreadLane) -> None:
         with self.lock:
@@ -460,7 +529,11 @@ class Pool:
                     self._make_ready(lane, _now())
                 else:
                     self.lingering[lane] = _now()
-            self._ensure_watchdog()
+            if self.watchdog is None:
+                self._ensure_watchdog()
+            elif lane.router.slow():
+                self.watch.notify()  # to poll at once at the pace slow deliveries need
+            # Else the lingering lane is polled by this worker, idle next (_next_lane).
 
     # --- the watchdog -----------------------------------------------------------
 
@@ -484,12 +557,14 @@ class Pool:
     def _next_poll(self) -> float:
         """Soon while lanes wait; every SLOW_POLL while slow deliveries run (events of other
         runs arriving meanwhile need another worker); else only to look for hung ones."""
-        if self.lingering or self.ready:
+        if self.ready or (self.lingering and not self.polling):
             return POLL_SECONDS
         if any(lane.router.slow() for lane in self.busy):
             return SLOW_POLL
-        if self.busy:
-            return BUSY_POLL  # a delivery may be stuck behind which other runs wait
+        if self.busy or self.lingering:
+            # A delivery may be stuck behind which other runs wait (a lingering lane
+            # becomes busy without a word to the watchdog: a polling worker takes it).
+            return BUSY_POLL
         return WATCHDOG_SECONDS
 
     def _write_logs(self) -> None:
@@ -503,25 +578,13 @@ class Pool:
             self.lock.acquire()
 
     def _poll(self, now: float) -> None:
-        """Move lingering lanes with new events to ready; let quiet ones go idle."""
-        for lane, since in list(self.lingering.items()):
-            if lane.parked:
-                if now - since < lane.engine.options.stall_threshold:
-                    continue  # its emitter takes it over at its next event
-                lane.parked = False  # nobody came: delivered here after all
-                lane.engine.adapt.trial_abandoned()
-            if lane.holds_work():
-                del self.lingering[lane]
-                self._make_ready(lane, now)
-            elif now - since >= LINGER_SECONDS:
-                del self.lingering[lane]
-                lane.scheduled = False
-                if lane.queue:  # an event slipped in before the flag dropped
-                    lane.scheduled = True
-                    self._make_ready(lane, now)
+        """Move lingering lanes with new events to ready; let quiet ones go idle; look
+        for stuck and slow deliveries; start a worker if ready lanes wait for one."""
+        self._poll_lingering(now)
         for lane in self.busy:
             if lane.router.stalled(now):
                 lane.take_back()
+                lane.router.unmerge_if_slow()  # the other runs need not wait for it
             if (
                 lane.router.runnable
                 and lane.router.slow()

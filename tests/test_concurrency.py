@@ -34,9 +34,10 @@ import itertools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+from unittest.mock import patch
 from uuid import UUID
 
 import pytest
@@ -48,7 +49,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnableParallel
 
 import safecallbacks
-from safecallbacks import SafeHandler, harden, harden_config
+from safecallbacks import SafeHandler, _runs, harden, harden_config
+from safecallbacks._hardened import engine_of
 from safecallbacks.testing import (
     HOOKS,
     PacedFakeChatModel,
@@ -57,6 +59,7 @@ from safecallbacks.testing import (
     async_wait_until,
     make_tokens,
     options_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -1247,3 +1250,234 @@ def test_slow_tokens_of_concurrent_thread_streams_are_spread_over_workers() -> N
 
     run_threads([one for _ in range(SPREAD_STREAMS)])
     check_forwarded(forwarder, safe)
+
+
+# --------------------------------------------------------------------------------------------
+# Quick deliveries of many runs share one strand; slow ones split it, run by run
+# --------------------------------------------------------------------------------------------
+
+
+SHARED_STREAMS = 6
+HANG = "hang"
+
+
+class HangsOnOneToken(BaseCallbackHandler):
+    """Quick, until one token of one run: that delivery hangs until released."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens: dict[UUID, list[str]] = defaultdict(list)
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        if token == HANG:
+            self.hanging.set()
+            self.release.wait(JOIN)  # longer than the test waits for the other runs
+        with self.lock:
+            self.tokens[run_id].append(token)
+
+    def tokens_of(self, run_id: UUID) -> list[str]:
+        with self.lock:
+            return list(self.tokens.get(run_id, []))
+
+
+def test_a_delivery_hung_while_runs_share_a_strand_holds_back_only_its_own_run() -> None:
+    handler = HangsOnOneToken()
+    safe = offload(handler)
+    trace = Trace()
+    hung = [*make_tokens(4, "a"), HANG, *make_tokens(4, "z")]
+    others = make_tokens(20, "b")
+    together = threading.Barrier(SHARED_STREAMS, timeout=5)
+
+    def one(tokens: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            together.wait()
+            model = PacedFakeChatModel(tokens=tokens, interval=0.002)
+            for _ in model.stream("hi", config=trace.config(safe)):
+                pass
+
+        return run
+
+    streams = [one(hung)] + [one(others) for _ in range(SHARED_STREAMS - 1)]
+    threads = [threading.Thread(target=target, daemon=True) for target in streams]
+    for thread in threads:
+        thread.start()
+    try:
+        assert handler.hanging.wait(GATE)
+        for thread in threads:
+            thread.join(JOIN)
+        with trace.pre.lock:
+            runs = {event.run_id for event in trace.pre.events}
+        assert len(runs) == SHARED_STREAMS
+
+        def others_delivered() -> bool:
+            done = [handler.tokens_of(run) for run in runs]
+            return sum(tokens == others for tokens in done) == SHARED_STREAMS - 1
+
+        # Bare, each stream calls the handler from its own thread: the other runs go on.
+        assert wait_until(others_delivered, GATE), {
+            str(run)[:8]: len(handler.tokens_of(run)) for run in runs
+        }
+        held_back = [handler.tokens_of(run) for run in runs if handler.tokens_of(run) != others]
+        assert held_back == [make_tokens(4, "a")]  # its own later tokens wait behind it
+    finally:
+        handler.release.set()
+    assert safe.flush(FLUSH)
+    delivered = sorted(map(tuple, (handler.tokens_of(run) for run in runs)))
+    assert delivered == sorted([tuple(hung)] + [tuple(others)] * (SHARED_STREAMS - 1))
+    assert_accounted(safecallbacks.stats(safe))
+
+
+class TimedGauge(Gauge):
+    def exited_before(self, stamp: int) -> set[Event]:
+        """The events whose deliveries were over at ``stamp`` (of ``CLOCK``)."""
+        with self.lock:
+            return {d.event for d in self.deliveries if 0 <= d.exit < stamp}
+
+
+class Flushes:
+    """Flushes called from the emitting threads, each remembering what came before it."""
+
+    def __init__(self, trace: Trace, safe: Any) -> None:
+        self.trace = trace
+        self.safe = safe
+        self.lock = threading.Lock()
+        self.done: list[tuple[int, bool, int]] = []  # (events emitted before, result, stamp)
+
+    def flush(self) -> None:
+        with self.trace.pre.lock:
+            emitted = len(self.trace.pre.events)
+        ok = safecallbacks.flush(self.safe, FLUSH)
+        stamp = next(CLOCK)
+        with self.lock:
+            self.done.append((emitted, ok, stamp))
+
+    def check(self, gauge: TimedGauge) -> None:
+        with self.trace.pre.lock:
+            events = list(self.trace.pre.events)
+        for emitted, ok, stamp in self.done:
+            assert ok, "a flush timed out"
+            over = gauge.exited_before(stamp)
+            missing = [event for event in events[:emitted] if event not in over]
+            assert not missing, f"flush returned True before {missing[0]} was delivered"
+
+
+def check_each_emitter_one_at_a_time(emission: Emission, deliveries: list[Delivery]) -> None:
+    by_emitter: dict[Any, list[tuple[int, int]]] = defaultdict(list)
+    for delivery in deliveries:
+        key = keyed([delivery.event])[0]
+        by_emitter[emission.emitter[key]].append((delivery.enter, delivery.exit))
+    for emitter, spans in by_emitter.items():
+        for (_, exit_), (enter, _) in itertools.pairwise(sorted(spans)):
+            assert exit_ < enter, f"two events of emitter {emitter} were delivered at once"
+
+
+def interleaved(streams: list[Iterator[Any]]) -> None:
+    """Step each stream in turn, one thread: their runs are open at once."""
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            if next(stream, None) is None:
+                live.remove(stream)
+
+
+@pytest.mark.timeout(240)
+@given(
+    schedule=schedules(),
+    slow=st.frozensets(st.integers(0, 30), max_size=4),
+    flushes=st.frozensets(st.tuples(st.integers(0, 2), st.integers(0, 2)), max_size=3),
+    by_hand=st.frozensets(st.integers(0, 2), max_size=2),
+)
+def test_runs_sharing_a_strand_split_when_slow_in_order_and_flushed_exactly(
+    schedule: Schedule,
+    slow: frozenset[int],
+    flushes: frozenset[tuple[int, int]],
+    by_hand: frozenset[int],
+) -> None:
+    """Quick deliveries share one strand; a delivery found slow splits it run by run, at
+    any point (chunk taken or not, barriers and ends inside), and calm merges it again.
+    Threads in ``by_hand`` step their streams in turn: one emitter, runs open at once."""
+    trace = Trace()
+    counter = itertools.count()
+    safe: Any = None
+
+    def step(event: Event) -> None:
+        if next(counter) in slow:  # slow until the shared strand has been split
+            router = engine_of(safe)._thread_lane.router
+            wait_until(lambda: router.merge_key is None, 1.0, interval=0.001)
+
+    gauge = TimedGauge(forbid=same_root(trace))
+    safe = offload(SyncMeter(gauge, step, linger=0))
+    flusher = Flushes(trace, safe)
+    together = threading.Barrier(len(schedule), timeout=5)
+
+    def emit(thread: int, streams: list[Stream]) -> Callable[[], None]:
+        def run() -> None:
+            together.wait()
+            if thread in by_hand:
+                models = [paced(f"t{thread}s{n}", s.tokens) for n, s in enumerate(streams)]
+                interleaved([iter(m.stream("hi", config=trace.config(safe))) for m in models])
+                return
+            for number, stream in enumerate(streams):
+                model = paced(f"t{thread}s{number}", stream.tokens)
+                for index, _ in enumerate(model.stream("hi", config=trace.config(safe))):
+                    if index in stream.yields:
+                        time.sleep(0)
+                if (thread, number) in flushes:
+                    flusher.flush()
+
+        return run
+
+    with patch.object(_runs, "CALM", 0.02):  # merged again soon after a split
+        run_threads([emit(n, streams) for n, streams in enumerate(schedule)])
+        assert safe.flush(FLUSH)
+    emission = Emission(trace)
+    delivered = gauge.delivered()
+    check_all_delivered_once(emission, delivered)
+    check_each_trace_in_order(emission, delivered)
+    check_each_emitter_in_order(emission, delivered)
+    check_each_emitter_one_at_a_time(emission, delivered)
+    check_runs_apart_stay_apart(emission, delivered)
+    assert not gauge.alarm.is_set(), "two deliveries of one root run were in flight at once"
+    flusher.check(gauge)
+    check_accounted(safe, emission)
+
+
+def test_an_emitter_with_runs_on_its_own_strand_keeps_its_new_runs_there_once_calm() -> None:
+    """Runs of one thread stay in order across a split and the merge after it: a run
+    started once calm is back joins the strand its emitter's open run was moved to."""
+    gauge = Gauge()
+    safe: Any = None
+    first = threading.Event()
+    emitted = threading.Event()
+
+    def step(event: Event) -> None:
+        router = engine_of(safe)._thread_lane.router
+        if not first.is_set():
+            first.set()  # found stalled: the watchdog splits the shared strand
+            assert wait_until(lambda: router.merge_key is None, GATE, interval=0.001)
+        elif event.hook == "on_chat_model_start":
+            # The newer run's start is held until all is emitted: what the older run
+            # emitted after it must wait behind it, on whichever worker.
+            assert emitted.wait(GATE)
+
+    safe = offload(SyncMeter(gauge, step, linger=0))
+    router = engine_of(safe)._thread_lane.router
+    trace = Trace()
+    with patch.object(_runs, "CALM", 0.05):
+        older = iter(paced("old", 8).stream("hi", config=trace.config(safe)))
+        next(older)
+        assert first.wait(GATE)
+        assert wait_until(lambda: router.merge_key is None, GATE, interval=0.001)
+        # The stalled delivery is over and judged: then calm returns.
+        assert wait_until(lambda: not router.claimed and not router.slow(), GATE, interval=0.001)
+        newer = iter(paced("new", 8).stream("hi", config=trace.config(safe)))
+        interleaved([older, newer])
+        emitted.set()
+        assert safe.flush(FLUSH)
+    emission = Emission(trace)
+    assert emission.most_open_at_once() == 2, "the runs were meant to be open at once"
+    check_exact_order(emission, gauge.delivered())
+    assert gauge.max_active == 1, gauge.max_active
+    check_accounted(safe, emission)
