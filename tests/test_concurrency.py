@@ -544,6 +544,14 @@ def check_runs_apart_stay_apart(emission: Emission, deliveries: list[Delivery]) 
             )
 
 
+def check_delivered_as_emitted(emission: Emission, deliveries: list[Delivery]) -> None:
+    """Every event once, each trace and each emitter in order, runs apart kept apart."""
+    check_all_delivered_once(emission, deliveries)
+    check_each_trace_in_order(emission, deliveries)
+    check_each_emitter_in_order(emission, deliveries)
+    check_runs_apart_stay_apart(emission, deliveries)
+
+
 def check_accounted(safe: Any, emission: Emission) -> None:
     stats = safecallbacks.stats(safe)
     assert stats.emitted == stats.delivered == len(emission.keys), stats
@@ -822,6 +830,15 @@ async def test_runs_streamed_one_after_another_are_never_delivered_at_once(
     check_accounted(safe, emission)
 
 
+def interleaved(streams: list[Iterator[Any]]) -> None:
+    """Step each stream in turn, one thread: their runs are open at once."""
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            if next(stream, None) is None:
+                live.remove(stream)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_generators_interleaved_by_hand_in_one_thread_are_delivered_one_at_a_time(
     kind: str,
@@ -830,12 +847,7 @@ def test_generators_interleaved_by_hand_in_one_thread_are_delivered_one_at_a_tim
     gauge = Gauge()
     safe = offload(meter(kind, gauge))
     trace = Trace()
-    streams = [iter(paced(f"g{n}", 6).stream("hi", config=trace.config(safe))) for n in range(3)]
-    live = list(streams)
-    while live:
-        for stream in list(live):
-            if next(stream, None) is None:
-                live.remove(stream)
+    interleaved([iter(paced(f"g{n}", 6).stream("hi", config=trace.config(safe))) for n in range(3)])
     assert safe.flush(FLUSH)
     assert gauge.max_active == 1 and not gauge.alarm.is_set(), gauge.max_active
     emission = Emission(trace)
@@ -1173,10 +1185,7 @@ def test_random_schedules_never_deliver_more_concurrently_than_bare(
     assert safe.flush(FLUSH)
     emission = Emission(trace)
     delivered = gauge.delivered()
-    check_all_delivered_once(emission, delivered)
-    check_each_trace_in_order(emission, delivered)
-    check_each_emitter_in_order(emission, delivered)
-    check_runs_apart_stay_apart(emission, delivered)
+    check_delivered_as_emitted(emission, delivered)
     assert gauge.max_active <= min(emission.most_open_at_once(), len(schedule))
     if cap is not None:
         assert gauge.max_active <= cap
@@ -1373,15 +1382,6 @@ def check_each_emitter_one_at_a_time(emission: Emission, deliveries: list[Delive
             assert exit_ < enter, f"two events of emitter {emitter} were delivered at once"
 
 
-def interleaved(streams: list[Iterator[Any]]) -> None:
-    """Step each stream in turn, one thread: their runs are open at once."""
-    live = list(streams)
-    while live:
-        for stream in list(live):
-            if next(stream, None) is None:
-                live.remove(stream)
-
-
 @pytest.mark.timeout(240)
 @given(
     schedule=schedules(),
@@ -1434,11 +1434,8 @@ def test_runs_sharing_a_strand_split_when_slow_in_order_and_flushed_exactly(
         assert safe.flush(FLUSH)
     emission = Emission(trace)
     delivered = gauge.delivered()
-    check_all_delivered_once(emission, delivered)
-    check_each_trace_in_order(emission, delivered)
-    check_each_emitter_in_order(emission, delivered)
+    check_delivered_as_emitted(emission, delivered)
     check_each_emitter_one_at_a_time(emission, delivered)
-    check_runs_apart_stay_apart(emission, delivered)
     assert not gauge.alarm.is_set(), "two deliveries of one root run were in flight at once"
     flusher.check(gauge)
     check_accounted(safe, emission)
