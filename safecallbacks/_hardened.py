@@ -206,8 +206,8 @@ def _class_resolver(handler: Any) -> Callable[[str], Callable[..., Any]]:
     def resolve(hook: str) -> Callable[..., Any]:
         original = originals.get(hook)
         if original is None:
-            return cast(Callable[..., Any], getattr(handler, hook))
-        return cast(Callable[..., Any], bound(original, handler, cls))
+            return cast("Callable[..., Any]", getattr(handler, hook))
+        return cast("Callable[..., Any]", bound(original, handler, cls))
 
     return resolve
 

@@ -325,8 +325,8 @@ class Observer:
             if scope is None:
                 scope = getattr(holder, "scope", None)  # a strand of a request scope
             drops, self._unreported = self._unreported, {}
-            self._duration.add_many(batch.durations)
-            self._lag.add_many(batch.lags)
+            longest = self._duration.add_many(batch.durations)
+            latest = self._lag.add_many(batch.lags)
             outcomes = batch.outcomes()
             for hook, count in batch.skipped.items():
                 self._bump(hook, _SKIPPED, count)
@@ -350,7 +350,7 @@ class Observer:
         if sdk_configured():
             self._record_histograms(batch)
         threshold = self.options.stall_threshold
-        if max(batch.durations) >= threshold or max(batch.lags) >= threshold:
+        if longest >= threshold or latest >= threshold:
             self._report_stall(batch)
         return fresh
 

@@ -428,6 +428,10 @@ class Router:
         runs = self.runs
         ends = END_HOOKS
         held = 0
+        # The run of the event before, by identity: a run's events carry one UUID object,
+        # and hashing it is a Python call. Forgotten whenever _route may change a run.
+        last_run: object = None
+        last_strand: Strand | None = None
         while True:
             try:
                 entry = popleft()  # only ever under this lock: put back if it must wait
@@ -435,8 +439,12 @@ class Router:
                 break
             if entry.__class__ is tuple and entry[0] not in ends and not self.fenced:
                 run_id = entry[2].get("run_id")
-                trace = runs.get(run_id) if run_id is not None else None
-                strand = trace.strand if trace is not None else None
+                if run_id is last_run and run_id is not None:
+                    strand = last_strand
+                else:
+                    trace = runs.get(run_id) if run_id is not None else None
+                    strand = trace.strand if trace is not None else None
+                    last_run, last_strand = run_id, strand
                 if strand is not None:
                     strand.entries.append(entry)
                     held += 1
@@ -446,6 +454,7 @@ class Router:
                     if not strand.busy and not strand.queued:
                         self._schedule(strand)
                     continue
+            last_run = last_strand = None
             if not route(entry):
                 queue.appendleft(entry)
                 break

@@ -51,17 +51,20 @@ class Estimator:
     def add(self, seconds: float) -> None:
         self.add_many((seconds,))
 
-    def add_many(self, values: Sequence[float]) -> None:
+    def add_many(self, values: Sequence[float]) -> float:
+        """Add a batch of samples; returns the largest of them (0.0 for none)."""
         size = len(values)
         if not size:
-            return
+            return 0.0
         self.count += size
         self.total += sum(values)
-        self.maximum = max(self.maximum, max(values))
+        largest = max(values)
+        self.maximum = max(self.maximum, largest)
         buckets = self._buckets
         for position, weight in strata(size):
             index = _bucket(values[position])
             buckets[index] = buckets.get(index, 0) + weight
+        return largest
 
     def quantile(self, q: float) -> float:
         if not self.count:

@@ -103,7 +103,10 @@ class ThreadLane(Lane):
     def drain(self, budget: int) -> None:
         """Claim runnable strands and deliver them, up to ``budget`` events in all."""
         self.nudge_want = self.nudge_base  # a worker got its turn: nudge afresh
-        if self.events_queued() + self.router.routed() > self.high_water:
+        routed = self.router.routed()
+        # len(queue) bounds the exact count from above: read that (two reprs) only past it.
+        high = self.high_water
+        if len(self.queue) + routed > high and self.events_queued() + routed > high:
             self.note_depth()
         router = self.router
         plans: dict[str, _Plan] = {}
@@ -165,6 +168,8 @@ class ThreadLane(Lane):
         breaker = observer.breaker
         router = self.router
         delivered = 0
+        plan_hook: str | None = None  # the hook of the plan in hand: most events repeat it
+        plan: _Plan | None = None
         while True:
             try:
                 strand = waiting.popleft()
@@ -193,9 +198,11 @@ class ThreadLane(Lane):
                         started = _now()
                         continue
                     hook, args, kwargs, context, emitted_at, loop = entry
-                    plan = plans.get(hook)
-                    if plan is None:
-                        plan = plans[hook] = _Plan(engine, hook)
+                    if hook is not plan_hook or plan is None:
+                        plan = plans.get(hook)
+                        if plan is None:
+                            plan = plans[hook] = _Plan(engine, hook)
+                        plan_hook = hook
                     if plan.tracks_runs:
                         run_id = kwargs.get("run_id")
                         if plan.starts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from typing import Any
 from uuid import UUID
 
@@ -22,7 +22,7 @@ from langchain_core.runnables import RunnableLambda
 
 import safecallbacks
 from safecallbacks import harden
-from safecallbacks._adapt import THREAD_TRIAL_AFTER
+from safecallbacks._adapt import PROBED_DELIVERIES, THREAD_TRIAL_AFTER
 from safecallbacks._policy import decide
 from safecallbacks.testing import fake_chat_model
 
@@ -207,6 +207,39 @@ def test_context_written_by_an_offloaded_hook_brings_the_handler_into_the_caller
     assert _seen_inside(handler) == bare is not None
     stats = safecallbacks.stats(handler)
     assert stats.mode == "inline" and "writes context variable 'current_step'" in stats.mode_reason
+
+
+class LatePublisher(BaseCallbackHandler):
+    """Publishes context from its 100th token on, past the deliveries ``auto`` probes."""
+
+    def __init__(self) -> None:
+        self.publish = CURRENT.set
+        self.tokens = 0
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens += 1
+        if self.tokens >= 100:
+            self.publish("late")
+
+
+def test_only_the_first_deliveries_are_probed_even_when_one_drain_delivers_many() -> None:
+    # A worker resolves what it calls once per drain (as here), and a drain may deliver
+    # thousands of events. Probing must stop after the first PROBED_DELIVERIES all the
+    # same: it costs two context copies per event, and a write seen later is outside
+    # what auto promises to look at.
+    assert PROBED_DELIVERIES < 99
+    handler = harden(LatePublisher())
+    engine = handler._sc_engine
+    call = engine.sync_call("on_llm_new_token")  # once, as a worker's drain does
+    for _ in range(150):
+        copy_context().run(call, "tok")
+    assert handler.tokens == 150
+    assert engine.wanted_mode is None and safecallbacks.stats(handler).mode == "offload"
+    # Within the window, the same write is seen (the rule is still there).
+    early = harden(LatePublisher())
+    early.tokens = 100
+    copy_context().run(early._sc_engine.sync_call("on_llm_new_token"), "tok")
+    assert early._sc_engine.wanted_mode is not None
 
 
 def test_library_handlers_and_their_extensions_run_in_the_caller() -> None:

@@ -363,7 +363,9 @@ def tree_shape(readings: dict[str, Any]) -> list[tuple[str, str | None]]:
 def check_bare(readings: dict[str, Any]) -> None:
     """What Sentry records bare: the harness sees the integration at work."""
     assert tree_shape(readings) == EXPECTED_TREE
-    assert all(node.get("within_parent", True) for node in walk(readings["sent"]))
+    # Not asserted: every bare span inside its parent. Sentry mixes two clocks for that
+    # (see assert_same_spans) and a bare run once showed a child outside its parent;
+    # hardened is held to whatever bare kept inside.
     chat = next(n for n in walk(readings["sent"]) if n["op"] == "gen_ai.chat")["data"]
     assert chat["gen_ai.request.model"] == MODEL
     assert chat["gen_ai.response.model"] == RESPONSE_MODEL
@@ -379,6 +381,23 @@ def check_bare(readings: dict[str, Any]) -> None:
         assert [(s["op"], s["parent"], s["finished"]) for s in seen["spans"].values()] == [
             (op, parent, True) for op, parent in EXPECTED_TREE[1:]
         ]
+
+
+def record_bare(rig: Rig, method: str, make: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """What Sentry records bare, checked (``check_bare``): the reference hardened must match.
+
+    Bare, a streamed ``astream`` call now and then puts a span under the wrong parent (a
+    few runs in a hundred here: ``$.sent.children[0].children: 2 items bare``), a race
+    of Sentry's with LangChain's executor hops that no handler chose. Such a reading is
+    no reference, so it is recorded again, at most twice.
+    """
+    bare = rig.record(method, None if make is None else make())
+    for _ in range(2):
+        if tree_shape(bare) == EXPECTED_TREE:
+            break
+        bare = rig.record(method, None if make is None else make())
+    check_bare(bare)
+    return bare
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -462,8 +481,7 @@ METHODS = ["invoke", "stream", "astream"]
 
 @pytest.mark.parametrize("method", METHODS)
 def test_injected_callback_same_spans_under_install(rig: Rig, method: str) -> None:
-    bare = rig.record(method)
-    check_bare(bare)
+    bare = record_bare(rig, method)
 
     safecallbacks.install()
     try:
@@ -480,8 +498,7 @@ def test_explicit_callback_same_spans_hardened(
 ) -> None:
     # Passed explicitly, the callback is used for every run of the call: Sentry's
     # _configure patch sees one and adds none.
-    bare = rig.record(method, SentryLangchainCallback(None, True))
-    check_bare(bare)
+    bare = record_bare(rig, method, lambda: SentryLangchainCallback(None, True))
 
     handler = hardened(SentryLangchainCallback(None, True))
     assert isinstance(handler, SentryLangchainCallback)
@@ -495,7 +512,7 @@ def test_explicit_callback_same_spans_hardened(
 @pytest.mark.parametrize("method", METHODS)
 def test_explicit_callback_same_spans_under_install(rig: Rig, method: str) -> None:
     """An explicit callback that reaches the manager under ``install()``."""
-    bare = rig.record(method, SentryLangchainCallback(None, True))
+    bare = record_bare(rig, method, lambda: SentryLangchainCallback(None, True))
 
     handler = SentryLangchainCallback(None, True)
     safecallbacks.install()
@@ -532,8 +549,7 @@ class TenantSentryCallback(SentryLangchainCallback):
 def test_application_subclass_same_spans_hardened(
     rig: Rig, hardened: Callable[[Any], Any], method: str
 ) -> None:
-    bare = rig.record(method, TenantSentryCallback(None, True))
-    check_bare(bare)
+    bare = record_bare(rig, method, lambda: TenantSentryCallback(None, True))
     chat = next(n for n in walk(bare["sent"]) if n["op"] == "gen_ai.chat")
     assert chat["data"]["app.tenant"] == "acme"
 
