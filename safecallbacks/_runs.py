@@ -630,13 +630,8 @@ class Router:
         head = None
         if merged.busy:
             chunk = merged.chunk
-            while len(chunk) > 1:  # its consumer only ever pops the head (once delivered)
-                stolen.append(chunk.pop())
-            try:
-                head = chunk[0]
-            except IndexError:
-                head = None
-            stolen.reverse()
+            stolen = _chunk_tail(chunk, keep=1)
+            head = chunk[0] if chunk else None
             events = sum(1 for entry in stolen if entry.__class__ is tuple)
             merged.taken -= events
             merged.controls -= len(stolen) - events
@@ -866,14 +861,7 @@ class Router:
             # a delivery in flight finishes, what waits behind it is dropped. A thread
             # lane's consumer pops its chunk's head once delivered: that one is its.
             keep = 1 if strand.busy and self.lane.pops_after else 0
-            chunk = strand.chunk
-            taken: list[Any] = []
-            while len(chunk) > keep:
-                try:
-                    taken.append(chunk.pop())
-                except IndexError:
-                    break
-            taken.reverse()
+            taken = _chunk_tail(strand.chunk, keep)
             taken.extend(strand.entries)
             strand.entries.clear()
             for entry in taken:
@@ -972,3 +960,16 @@ def note_dropped(strand: Strand, hook: str, count: int = 1) -> None:
     dropped = strand.dropped
     if dropped is not None:
         dropped[hook] = dropped.get(hook, 0) + count
+
+
+def _chunk_tail(chunk: deque[Any], keep: int) -> list[Any]:
+    """Take out, in order, what ``chunk`` holds past its first ``keep`` entries (the
+    head a thread lane's consumer is delivering stays its own: it only pops the head)."""
+    tail: list[Any] = []
+    while len(chunk) > keep:
+        try:
+            tail.append(chunk.pop())
+        except IndexError:  # its consumer popped the last one meanwhile
+            break
+    tail.reverse()
+    return tail
