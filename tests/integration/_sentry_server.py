@@ -261,7 +261,8 @@ def span_tree(transaction: dict[str, Any], keep: Callable[[str], bool]) -> SpanN
     """The transaction as a tree of spans (children in start order), ids dropped.
 
     ``keep(key)`` selects the span fields compared (op, description, data...). Each
-    span says whether it lies ``within_parent`` (started no earlier, ended no later). A
+    span says how far it lies ``outside_parent`` in seconds (0.0 when it started no
+    earlier and ended no later than its parent, give or take the microsecond rounding). A
     span whose parent is not in the transaction is put under the root, marked
     ``"parent": "<missing>"``.
     """
@@ -287,7 +288,8 @@ def span_tree(transaction: dict[str, Any], keep: Callable[[str], bool]) -> SpanN
             node["parent"] = "<missing>"
             parent_id, parent = trace["span_id"], root
         (start, end), (parent_start, parent_end) = times[span["span_id"]], times[parent_id]
-        node["within_parent"] = start >= parent_start - SLACK and end <= parent_end + SLACK
+        outside = max(parent_start - start, end - parent_end)
+        node["outside_parent"] = outside if outside > SLACK else 0.0
         parent["children"].append(node)
     return root
 

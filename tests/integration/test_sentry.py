@@ -91,19 +91,28 @@ SPAN_FIELDS = frozenset({"op", "description", "origin", "status", "data", "tags"
 
 def assert_same_spans(bare: dict[str, Any], hardened: dict[str, Any]) -> None:
     """The same data bare and hardened, with each span's place in its parent's time
-    compared one way only.
+    compared one way only and within a clock tolerance.
 
-    ``within_parent`` compares timestamps from two clocks (Sentry stamps a span's start
-    with the wall clock and its end as that plus monotonic time elapsed), and once in CI a
-    bare run showed a child leaving its parent. Hardened must keep inside every span that
-    bare kept inside; a bare span outside its parent is no data the handler chose.
+    Sentry stamps a span's start with the wall clock and its end as that start plus the
+    monotonic time elapsed, so where a child sits against its parent mixes two clocks. In
+    CI both a bare run and an inline (unchanged) hardened run have shown a child leaving
+    its parent by more than the microsecond rounding. A hardened span may lie outside its
+    parent by no more than bare's span there, plus ``CLOCK_MIXING``.
     """
-    assert_same(plain(bare), plain(hardened), VOLATILE | {"within_parent"})
+    assert_same(plain(bare), plain(hardened), VOLATILE | {"outside_parent"})
     for seen_bare, seen_hardened in zip(walk(bare["sent"]), walk(hardened["sent"]), strict=True):
-        if seen_bare.get("within_parent", True):
-            assert seen_hardened.get("within_parent", True), (
-                f"hardened, a {seen_hardened.get('op')!r} span is not within its parent"
-            )
+        allowed = seen_bare.get("outside_parent", 0.0) + CLOCK_MIXING
+        outside = seen_hardened.get("outside_parent", 0.0)
+        assert outside <= allowed, (
+            f"hardened, a {seen_hardened.get('op')!r} span lies {outside * 1e6:.0f} µs outside"
+            f" its parent (bare: {seen_bare.get('outside_parent', 0.0) * 1e6:.0f} µs)"
+        )
+
+
+CLOCK_MIXING = 0.001
+"""How far a span may seem to leave its parent from the two clocks' disagreement alone.
+A hardened handler that opened or closed a span late would show first in the tree itself
+(a span under another parent), which is compared exactly."""
 
 
 # -- the chain ---------------------------------------------------------------------------
