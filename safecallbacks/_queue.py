@@ -36,6 +36,7 @@ from ._observe import Batch, Observer
 from ._options import Options
 from ._runs import RUN_BOUNDARIES, Router, RunMark, Strand
 from ._stopping import StopMarks
+from ._wakeups import call_soon_from_thread
 
 _now = time.monotonic
 
@@ -120,13 +121,16 @@ class Barrier:
     set) only into the strand of that root run. It is released when every part is.
     """
 
-    __slots__ = ("_callbacks", "_done", "_lock", "_parts", "run", "scopes")
+    __slots__ = ("_callbacks", "_event", "_lock", "_parts", "_released", "run", "scopes")
 
     def __init__(self, run: Any = None, scopes: frozenset[Any] | None = None) -> None:
         self.run = run
         self.scopes = scopes  # a scope's flush: only the strands of these scopes
-        self._done = threading.Event()
         self._lock = threading.Lock()
+        self._released = False
+        # Made for the first thread that waits: most barriers (the ends of async root
+        # runs) are awaited through ``future`` and never need one.
+        self._event: threading.Event | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._parts = 0
 
@@ -151,16 +155,25 @@ class Barrier:
 
     def release(self) -> None:
         with self._lock:
-            self._done.set()
+            self._released = True
+            event = self._event
             callbacks, self._callbacks = self._callbacks, []
+        if event is not None:
+            event.set()
         for callback in callbacks:
             callback()
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._released
 
     def wait(self, timeout: float) -> bool:
-        return self._done.wait(max(timeout, 0.0))
+        with self._lock:
+            if self._released:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(max(timeout, 0.0))
 
     def future(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = loop.create_future()
@@ -170,11 +183,10 @@ class Barrier:
                 fut.set_result(None)
 
         def notify() -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(resolve)
+            call_soon_from_thread(loop, resolve)
 
         with self._lock:
-            if not self._done.is_set():
+            if not self._released:
                 self._callbacks.append(notify)
                 return fut
         fut.set_result(None)
@@ -488,16 +500,20 @@ def wait_settled(lane: Lane, barrier: Barrier, deadline: float) -> bool:
 
 async def await_settled(placed: list[tuple[Lane, Barrier]], timeout: float) -> bool:
     """``wait_settled`` for async code, for several lanes at once, without blocking the loop."""
+    if all(barrier.done() for _, barrier in placed):
+        return True  # delivered already: no future, no timer, no wake-up
     loop = asyncio.get_running_loop()
     deadline = _now() + timeout
-    futures = {barrier.future(loop): lane for lane, barrier in placed}
-    pending = set(futures)
+    futures = {barrier.future(loop): (lane, barrier) for lane, barrier in placed}
+    pending = {fut for fut in futures if not fut.done()}
     while pending and _now() < deadline:
         _, pending = await asyncio.wait(
             pending, timeout=min(SETTLE_SLICE, max(deadline - _now(), 0.0))
         )
         for fut in pending:
-            futures[fut].reap_if_dead()  # releases the barrier if its loop is gone
+            futures[fut][0].reap_if_dead()  # releases the barrier if its loop is gone
+        # A released barrier whose wake-up a Ctrl-C cut off: seen at the next slice.
+        pending = {fut for fut in pending if not futures[fut][1].done()}
     for fut in pending:
         fut.cancel()
     return not pending
