@@ -352,6 +352,8 @@ class Engine(Revisions):
 
     def lanes(self) -> list[Lane]:
         """Every lane, after accounting for and forgetting those of closed loops."""
+        if not self._loop_lanes:  # a sync handler's, always: asked at every root run's end
+            return [self._thread_lane]
         with self._loop_lanes_lock:
             self._forget_closed_loops()
             unique = {id(lane): lane for lane in self._loop_lanes.values()}

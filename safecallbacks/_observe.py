@@ -316,8 +316,14 @@ class Observer:
         """Record a batch of delivery attempts; returns a fresh batch.
 
         With ``holder`` (a lane), the fresh batch replaces ``holder.batch`` under
-        the same lock, so ``snapshot`` never counts a batch twice or not at all.
+        the same lock, so ``snapshot`` never counts a batch twice or not at all. An
+        empty batch with nothing else waiting (a run's end right after a barrier's part,
+        a strand retiring) is handed back as it is: only its holder's thread adds to it.
         """
+        if not (
+            batch.hooks or batch.skipped or batch.settled or self._unreported or self._pending_logs
+        ):
+            return batch
         fresh = Batch()
         with self._lock:
             if holder is not None:
