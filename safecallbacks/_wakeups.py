@@ -10,6 +10,7 @@ arrive while it is pending ride on it, in the order they came.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 
@@ -70,6 +71,17 @@ def _drop(loop: asyncio.AbstractEventLoop) -> None:
 def _forget_closed() -> None:
     for loop in [loop for loop in _due if loop.is_closed()]:
         del _due[loop]
+
+
+def _reset_after_fork() -> None:
+    """A fork copies ``_lock`` as it was: held, if another thread had it."""
+    global _lock
+    _lock = threading.Lock()
+    _due.clear()  # the parent's loops do not run here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def pending_loops() -> int:

@@ -1010,7 +1010,7 @@ def test_forked_child_starts_fresh_and_parent_carries_on(tmp_path: Path) -> None
 FORK_WHILE_LOCKED = """
 import safecallbacks
 from safecallbacks import (
-    _classes, _hardened, _install, _lifecycle, _loops, _metrics, _policy, _workers,
+    _classes, _hardened, _install, _lifecycle, _loops, _metrics, _policy, _wakeups, _workers,
 )
 from safecallbacks.testing import RecordingHandler
 
@@ -1024,6 +1024,7 @@ LOCKS = {
     "pool": lambda: _workers._POOL_LOCK,
     "background loop": lambda: _loops._BACKGROUND_LOCK,
     "registry": lambda: _lifecycle.registry._lock,
+    "wakeups": lambda: _wakeups._lock,
 }
 
 def hold_every_lock():
@@ -1048,6 +1049,11 @@ if pid == 0:
         pass
     ok = handler.flush(10)
     safecallbacks.uninstall()
+    import asyncio
+    loop = asyncio.new_event_loop()
+    woken = loop.create_future()
+    _wakeups.call_soon_from_thread(loop, lambda: woken.set_result(True))
+    ok = ok and loop.run_until_complete(asyncio.wait_for(woken, 10))
     os._exit(0 if ok and len(handler.calls) == 7 else 3)
 release.set()
 deadline = time.monotonic() + 20
