@@ -59,6 +59,10 @@ class LoopLane(Lane):
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._carriers: set[asyncio.Task[None]] = set()
+        # Carriers whose first step has not run: cancelled before it (a loop shutting
+        # down in the iteration that made them), they would never pass the cancellation
+        # into the handler they carry; ``_salvage`` takes their deliveries over.
+        self._unstarted: dict[asyncio.Task[None], tuple[Strand, Awaitable[None], float]] = {}
 
     def _may_block(self) -> bool:
         # Blocking the loop that must drain this lane could never make room.
@@ -182,6 +186,7 @@ class LoopLane(Lane):
         carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, started))
         CONSUMER_TASKS.add(carrier)
         self._carriers.add(carrier)
+        self._unstarted[carrier] = (strand, rest, started)
         carrier.add_done_callback(self._carriers.discard)
 
     def _released(self, strand: Strand, began: float) -> None:
@@ -191,6 +196,9 @@ class LoopLane(Lane):
 
     async def _carry_on(self, strand: Strand, suspended: Awaitable[None], began: float) -> None:
         """Finish a suspended delivery, then the rest of its strand's chunk, in this task."""
+        this = asyncio.current_task()
+        if this is not None:
+            self._unstarted.pop(this, None)  # (the consumer itself carries on without one)
         calls: dict[str, Callable[..., Any]] = {}
         rest: Awaitable[None] | None = suspended
         try:
@@ -256,7 +264,8 @@ class LoopLane(Lane):
         for carrier in list(self._carriers):
             carrier.cancel()
         try:
-            while _now() < deadline:
+            await self._take_over_unstarted()
+            while _now() < deadline and not self.cut_off:
                 claimed = self.router.claim(1)
                 if not claimed:
                     break
@@ -283,6 +292,22 @@ class LoopLane(Lane):
             self.discard_all("loop_closed")
             self.cut_off = False
             self.scheduled = False
+
+    async def _take_over_unstarted(self) -> None:
+        """Carry the deliveries of carriers cancelled before their first step, then cancel
+        them as a started carrier is: the handler gets the shutdown's cancellation (and the
+        exit budget to finish), not a coroutine closed by the garbage collector."""
+        unstarted, self._unstarted = self._unstarted, {}
+        grace = self.engine.options.exit_timeout
+        for strand, rest, began in unstarted.values():
+            carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, began))
+            CONSUMER_TASKS.add(carrier)
+            await asyncio.sleep(0)  # its first step runs: the handler's await is its own
+            carrier.cancel()
+            # Not among the tasks asyncio.run waits for: waited for here, as long as the
+            # handler's grace after the cancellation (drive_rest closes it then), and a
+            # little more for that to land.
+            await asyncio.wait([carrier], timeout=grace + 0.1)
 
     def reap_if_dead(self) -> None:
         """A closed loop will never drain this lane: count what is left as dropped."""
