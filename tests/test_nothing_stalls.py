@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -638,12 +638,32 @@ async def stream_and_return(handler: Any) -> None:
     # Returning without aflush(): asyncio.run cancels the consumer mid-delivery.
 
 
+async def emit_then_return_in_the_same_iteration(handler: Any) -> None:
+    # The event kicks the loop lane's consumer; this task's next step is queued behind the
+    # consumer's. In that iteration the consumer begins the delivery, which suspends and
+    # moves to a carrier task, and this returns: asyncio.run stops the loop before the
+    # carrier's first step, then cancels it (before the fix, the handler never saw that
+    # cancellation: its coroutine was dropped unresumed).
+    handler.on_llm_new_token("cut off", run_id=uuid.uuid4())
+    await asyncio.sleep(0)
+
+
+SHUTDOWNS = pytest.mark.parametrize(
+    "shut_down",
+    [stream_and_return, emit_then_return_in_the_same_iteration],
+    ids=["mid-stream", "carrier-not-started"],
+)
+
+
 @pytest.mark.timeout(120)
-def test_a_hook_swallowing_cancellation_holds_loop_shutdown_only_for_the_exit_budget() -> None:
+@SHUTDOWNS
+def test_a_hook_swallowing_cancellation_holds_loop_shutdown_only_for_the_exit_budget(
+    shut_down: Callable[[Any], Awaitable[None]],
+) -> None:
     handler = SwallowsCancellation()
     safe = harden(handler, mode="offload", exit_timeout=0.3, breaker=None, settle=0)
     started = time.monotonic()
-    asyncio.run(stream_and_return(safe))
+    asyncio.run(shut_down(safe))
     took = time.monotonic() - started
     assert handler.entered.is_set()
     assert took < 5.0, f"asyncio.run took {took:.1f}s to end (timeout=30s, exit_timeout=0.3s)"
@@ -672,48 +692,17 @@ class SwallowsCancellationThenFinishes(AsyncCallbackHandler):
 
 
 @pytest.mark.timeout(120)
-def test_a_hook_cut_off_by_loop_shutdown_is_dropped_even_if_it_then_returns() -> None:
+@SHUTDOWNS
+def test_a_hook_cut_off_by_loop_shutdown_is_dropped_even_if_it_then_returns(
+    shut_down: Callable[[Any], Awaitable[None]],
+) -> None:
     # README: events of a loop that shuts down are delivered while it shuts down if they
     # can be, else counted as dropped. This one was cut off by the shutdown.
     handler = SwallowsCancellationThenFinishes()
     safe = harden(handler, mode="offload", exit_timeout=0.3, breaker=None, settle=0)
-    asyncio.run(stream_and_return(safe))
+    asyncio.run(shut_down(safe))
     assert handler.entered.is_set() and handler.swallowed == 1
     stats = safe.stats()
     assert stats.failed == 0 and stats.pending == 0, stats
     assert stats.delivered == handler.finished, stats  # the cut-off one is not among them
     assert stats.dropped == stats.emitted - stats.delivered > 0, stats
-
-
-async def emit_then_return_in_the_same_iteration(handler: Any) -> None:
-    # The event kicks the loop lane's consumer; this task's next step is queued behind the
-    # consumer's. In that iteration the consumer begins the delivery, which suspends and
-    # moves to a carrier task, and this returns: asyncio.run stops the loop before the
-    # carrier's first step, then cancels it.
-    handler.on_llm_new_token("cut off", run_id=uuid.uuid4())
-    await asyncio.sleep(0)
-
-
-@pytest.mark.timeout(120)
-def test_a_delivery_whose_carrier_is_cancelled_before_it_starts_still_sees_the_shutdown() -> None:
-    handler = SwallowsCancellationThenFinishes()
-    safe = harden(handler, mode="offload", exit_timeout=0.3, breaker=None, settle=0)
-    asyncio.run(emit_then_return_in_the_same_iteration(safe))
-    # Before: the handler's coroutine was dropped unresumed (closed later by the garbage
-    # collector), never cancelled as the loop's shutdown cancels a bare handler's.
-    assert handler.entered.is_set() and handler.swallowed == 1
-    stats = safe.stats()
-    assert (stats.emitted, stats.delivered, stats.dropped, stats.pending) == (1, 0, 1, 0), stats
-
-
-@pytest.mark.timeout(120)
-def test_a_carrier_cancelled_before_it_starts_holds_shutdown_only_for_the_exit_budget() -> None:
-    handler = SwallowsCancellation()
-    safe = harden(handler, mode="offload", exit_timeout=0.3, breaker=None, settle=0)
-    started = time.monotonic()
-    asyncio.run(emit_then_return_in_the_same_iteration(safe))
-    took = time.monotonic() - started
-    assert handler.entered.is_set()
-    assert took < 5.0, f"asyncio.run took {took:.1f}s to end (exit_timeout=0.3s)"
-    stats = safe.stats()
-    assert (stats.emitted, stats.delivered, stats.dropped, stats.pending) == (1, 0, 1, 0), stats
