@@ -129,7 +129,14 @@ def streams(report: dict[str, Any], handler: str) -> list[dict[str, Any]]:
 
 def test_a_quick_recording_handler_passes() -> None:
     code, report = check("safecallbacks.testing:RecordingHandler")
-    assert code == 0
+    if code == 1 and not report["breaks"] and report["stalls"]:
+        # Every stall verdict is a timing threshold (a 50 ms gap on a bare stream, 5 ms at
+        # p99, a 50 ms loop lag). A loaded 2-core CI machine tripped one once for this quick
+        # handler (3.13); a handler that is slow trips it again, a hiccup does not.
+        first = report["stalls"]
+        code, report = check("safecallbacks.testing:RecordingHandler")
+        assert code == 0, f"stalls twice: {first} then {report['stalls']}"
+    assert code == 0, report["breaks"]
     assert set(report) == REPORT_KEYS
     assert report["verdict"] == "ok"
     assert report["breaks"] == [] and report["stalls"] == [] and report["raised"] == []
