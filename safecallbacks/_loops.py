@@ -183,11 +183,15 @@ class LoopLane(Lane):
 
     def _carry_apart(self, strand: Strand, rest: Awaitable[None], started: float) -> None:
         """A suspended delivery goes on in a task of its own while other strands are begun."""
-        carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, started))
-        CONSUMER_TASKS.add(carrier)
+        carrier = self._carrier(strand, rest, started)
         self._carriers.add(carrier)
         self._unstarted[carrier] = (strand, rest, started)
         carrier.add_done_callback(self._carriers.discard)
+
+    def _carrier(self, strand: Strand, rest: Awaitable[None], started: float) -> asyncio.Task[None]:
+        carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, started))
+        CONSUMER_TASKS.add(carrier)
+        return carrier
 
     def _released(self, strand: Strand, began: float) -> None:
         self.router.release(strand, _now() - began)
@@ -298,16 +302,16 @@ class LoopLane(Lane):
         them as a started carrier is: the handler gets the shutdown's cancellation (and the
         exit budget to finish), not a coroutine closed by the garbage collector."""
         unstarted, self._unstarted = self._unstarted, {}
-        grace = self.engine.options.exit_timeout
-        for strand, rest, began in unstarted.values():
-            carrier = asyncio.get_running_loop().create_task(self._carry_on(strand, rest, began))
-            CONSUMER_TASKS.add(carrier)
-            await asyncio.sleep(0)  # its first step runs: the handler's await is its own
+        if not unstarted:
+            return
+        carriers = [self._carrier(*taken) for taken in unstarted.values()]
+        await asyncio.sleep(0)  # their first steps run: each handler's await is its own
+        for carrier in carriers:
             carrier.cancel()
-            # Not among the tasks asyncio.run waits for: waited for here, as long as the
-            # handler's grace after the cancellation (drive_rest closes it then), and a
-            # little more for that to land.
-            await asyncio.wait([carrier], timeout=grace + 0.1)
+        # Not among the tasks asyncio.run waits for: waited for here, all together, as long
+        # as a handler's grace after the cancellation (drive_rest closes it then), and a
+        # little more for that to land.
+        await asyncio.wait(carriers, timeout=self.engine.options.exit_timeout + 0.1)
 
     def reap_if_dead(self) -> None:
         """A closed loop will never drain this lane: count what is left as dropped."""
